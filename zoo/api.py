@@ -1,0 +1,200 @@
+"""zoo.load(): checkpoint folder -> a Model ready to generate, eager or compiled."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from zoo.config import ModelConfig
+from zoo.device import default_dtype, default_inductor_options, resolve_device
+from zoo.engine import Engine, GenerationResult, Request, RequestError, StreamEvent
+from zoo.graphs import Buckets, GraphRunner
+from zoo.kv_cache import KVCache
+from zoo.loader import load_weights
+from zoo.sampling import SamplingParams
+from zoo.tokenizer import Tokenizer
+
+EMBEDDED_DIR = os.path.join(os.path.dirname(__file__), "embedded")
+EMBEDDED_MODELS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2"}
+
+# family -> "module:Class" of its hand-adapted modeling file (imported on demand)
+MODEL_CLASSES = {
+    "llama": "zoo.llama.modeling_llama:LlamaForCausalLM",
+    "qwen2": "zoo.qwen.modeling_qwen:Qwen2ForCausalLM",
+}
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+Prompt = str | list[int]
+
+
+def embedded_model_path(family: str = "llama") -> str:
+    """Folder of the tiny model that ships inside the package for `family` (llama | qwen2)."""
+    return os.path.join(EMBEDDED_DIR, EMBEDDED_MODELS[family])
+
+
+def model_class(family: str):
+    module, _, name = MODEL_CLASSES[family].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _log(msg: str) -> None:
+    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
+
+
+def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
+         compiled: bool = False, max_batch_size: int = 8, max_seq_len: int | None = None,
+         buckets: Buckets | None = None, inductor_options: dict | None = None, verbose: bool = False) -> "Model":
+    """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer files]).
+
+    model_path None -> the embedded tiny Llama. compiled=True compiles prefill and decode with
+    torch.compile per shape bucket (each bucket on first use, or all at once with Model.warmup()).
+    max_seq_len defaults to min(max_position_embeddings, 2048); the KV cache holds max_batch_size
+    slots of that length. inductor_options override the device's defaults (see zoo.device).
+    """
+    t0 = time.perf_counter()
+    model_path = model_path or embedded_model_path("llama")
+    config = ModelConfig.from_dir(model_path)
+    dev = resolve_device(device)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    dtype = dtype or default_dtype(dev, config.torch_dtype)
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+    max_seq_len = max_seq_len or min(config.max_position_embeddings, 2048)
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    buckets = buckets or Buckets.default(max_batch_size, max_seq_len)
+    buckets.validate(max_batch_size, max_seq_len)
+
+    tokenizer = Tokenizer.from_dir(model_path)
+    with torch.device("meta"):
+        module = model_class(config.family)(config)
+    load_weights(module, model_path, dtype, dev)
+    module.eval()
+    cache = KVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len, config.head_dim, dtype, dev)
+    options = {**default_inductor_options(dev, dtype), **(inductor_options or {})}
+    runner = GraphRunner(module, cache, buckets, compiled, options)
+    eos = set(config.eos_token_ids) | _generation_config_eos(model_path)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    engine = Engine(runner, cache, tokenizer, eos, max_seq_len, config.vocab_size)
+    model = Model(config, module, tokenizer, engine, dev, dtype, model_path)
+    if verbose:
+        _log(f"loaded {config.architecture} from {model_path} on {dev} ({dtype}) in "
+             f"{time.perf_counter() - t0:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache "
+             f"{cache.nbytes / 2**20:.1f} MiB ({max_batch_size} slots x {max_seq_len} tokens), "
+             f"{'compiled' if compiled else 'eager'}")
+    return model
+
+
+def _generation_config_eos(model_path: str) -> set[int]:
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return set()
+    with open(path, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token_id")
+    return set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
+
+
+class Model:
+    """A loaded model: generate(), stream(), warmup(). Safe to share between threads (requests
+    from different callers are batched together by the engine)."""
+
+    def __init__(self, config: ModelConfig, module: torch.nn.Module, tokenizer: Tokenizer | None,
+                 engine: Engine, device: torch.device, dtype: torch.dtype, path: str):
+        self.config, self.module, self.tokenizer, self.engine = config, module, tokenizer, engine
+        self.device, self.dtype, self.path = device, dtype, path
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.module.parameters()}.values())
+
+    @property
+    def compile_seconds(self) -> float:
+        return self.engine.runner.compile_seconds
+
+    def warmup(self, batch_sizes: Sequence[int] | None = None, prompt_lens: Sequence[int] | None = None) -> None:
+        """Build the graphs for these buckets now (default: all). After this, generating inside them
+        compiles nothing."""
+        with self.engine.lock:
+            self.engine.runner.warmup(batch_sizes, prompt_lens)
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
+                 ignore_eos: bool = False) -> list[GenerationResult] | GenerationResult:
+        """Generate for one prompt (a string or a list of token ids) or a list of them.
+
+        Returns one GenerationResult per prompt (a single one for a single prompt). More prompts
+        than max_batch_size are queued and run as slots free up (continuous batching)."""
+        single = _is_single_prompt(prompts)
+        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                  stop_token_ids, ignore_eos)
+        for _ in self._run(requests):
+            pass
+        results = [r.result() for r in requests]
+        failed = [r for r in results if r.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"generation failed: {failed[0].error}")
+        return results[0] if single else results
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
+               ignore_eos: bool = False) -> Iterator[StreamEvent]:
+        """Like generate(), but yields StreamEvent(index, text, token_ids, finish_reason) pieces as
+        they are produced. Closing the iterator early aborts its unfinished requests."""
+        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                  stop_token_ids, ignore_eos)
+        return self._run(requests)
+
+    def _requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids,
+                  ignore_eos) -> list[Request]:
+        prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
+        if not prompt_list:
+            raise RequestError("no prompts given")
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
+                                top_p=top_p, seed=seed, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+                                stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos)
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        return [self.engine.make_request(i, self._encode(p, i), params, p if isinstance(p, str) else None)
+                for i, p in enumerate(prompt_list)]
+
+    def _encode(self, prompt: Prompt, index: int) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"{self.path!r} has no tokenizer files; pass prompts as lists of token ids")
+            if not prompt:
+                raise RequestError(f"prompt {index} is empty: at least one token is needed")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise RequestError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
+        self.engine.submit(requests)
+        try:
+            while True:
+                for req in requests:
+                    while req.events:
+                        yield req.events.popleft()
+                if all(r.finished and not r.events for r in requests):
+                    return
+                self.engine.step()
+        finally:
+            self.engine.abort(requests, "the stream was closed before the request finished")
+
+
+def _is_single_prompt(prompts) -> bool:
+    return isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts))

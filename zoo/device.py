@@ -1,0 +1,68 @@
+"""The device layer: which torch device, which compile backend and options, how to synchronise.
+
+NPU support (torch_npu / torchair) is imported only when device "npu" is asked for.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+SUPPORTED = ("cpu", "cuda", "npu")
+
+
+class DeviceError(RuntimeError):
+    pass
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    device = torch.device(name)
+    if device.type not in SUPPORTED:
+        raise DeviceError(f"unsupported device {str(name)!r}; use one of {', '.join(SUPPORTED)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' was asked for, but torch.cuda.is_available() is False "
+                          f"(torch {torch.__version__})")
+    if device.type == "npu":
+        _import_torch_npu()
+    return device
+
+
+def _import_torch_npu() -> None:
+    try:
+        import torch_npu  # noqa: F401  (registers the npu device with torch)
+    except (ImportError, RuntimeError) as e:
+        raise DeviceError(
+            "device 'npu' needs torch_npu (pip install torch-npu==" + torch.__version__.split("+")[0] +
+            ", pinned to the installed torch) and the Ascend CANN toolkit (source set_env.sh); "
+            f"importing torch_npu failed: {e}"
+        ) from None
+
+
+def default_dtype(device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """The checkpoint's dtype, except float16 on CPU (slow there) -> bfloat16; float32 if unknown."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtype = table.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.bfloat16
+    return dtype
+
+
+def default_inductor_options(device: torch.device, dtype: torch.dtype) -> dict:
+    """Options measured on this project's CPU probe: cpp_wrapper removes the Python wrapper
+    (1.2-1.4x per decode step); freezing helps bf16 (constant-folds weight layout transforms)."""
+    if device.type == "cpu":
+        return {"cpp_wrapper": True, "freezing": dtype != torch.float32}
+    if device.type == "cuda":
+        return {"triton.cudagraphs": True}  # what mode="reduce-overhead" turns on
+    return {}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("ZOO_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "zoo"))

@@ -1,0 +1,271 @@
+"""The generation engine: slot-based continuous batching over the static KV cache.
+
+Each request waits in a queue, is prefilled into a free cache slot, then decodes one token per
+step together with every other running request (decode batch row i = cache slot i). It leaves at
+its own EOS / stop token / stop string / max_new_tokens / context end, and its slot is handed to
+the next waiting request between steps — the graphs never change shape outside their buckets.
+
+Per step the only host<->device traffic is reading the B sampled token ids (for stop checks and
+streaming). Token ids, positions and sampling parameters of running slots stay on the device.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from zoo.graphs import GraphRunner
+from zoo.kv_cache import KVCache
+from zoo.sampling import SamplingParams, sample
+from zoo.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class RequestError(ValueError):
+    """A request that cannot be run (empty, too long, bad parameters); nothing was queued."""
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt of the call
+    text: str  # new text since the previous event of this request
+    token_ids: list[int]  # new token ids since the previous event
+    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "error"
+
+
+@dataclass
+class GenerationResult:
+    index: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # new tokens only (an EOS / stop token that ended it is included)
+    text: str  # decoded new tokens, special tokens skipped, cut before a matched stop string
+    finish_reason: str
+    ttft_ms: float  # submit -> first new token
+    tpot_ms: float | None  # mean time per output token after the first
+    error: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass
+class Request:
+    index: int
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator | None
+    slot: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted_chars: int = 0
+    emitted_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    t_done: float | None = None
+    events: deque = field(default_factory=deque)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> GenerationResult:
+        ttft = (self.t_first - self.t_submit) * 1e3 if self.t_first else float("nan")
+        n = len(self.output_ids)
+        tpot = (self.t_done - self.t_first) * 1e3 / (n - 1) if self.t_first and self.t_done and n > 1 else None
+        return GenerationResult(self.index, self.prompt, self.prompt_ids, list(self.output_ids), self.text,
+                                self.finish_reason, ttft, tpot, self.error)
+
+
+class Engine:
+    def __init__(self, runner: GraphRunner, cache: KVCache, tokenizer: Tokenizer | None,
+                 eos_token_ids: set[int], max_seq_len: int, vocab_size: int):
+        self.runner, self.cache, self.tokenizer = runner, cache, tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.lock = threading.RLock()
+        self._default_generator = torch.Generator(device=runner.device)
+        self._default_generator.seed()
+        n, dev = cache.num_slots, runner.device
+        # Device-resident state of every slot; decode reads the first B rows.
+        self.tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)  # last token per slot
+        self.positions = torch.full((n,), cache.scratch_position, dtype=torch.long, device=dev)
+        self.active = torch.zeros(n, dtype=torch.long, device=dev)  # 1 while a request decodes there
+        self.temperature = torch.zeros(n, device=dev)
+        self.top_k = torch.full((n,), vocab_size, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(n, device=dev)
+
+    # ---- submitting ------------------------------------------------------------------------
+    def make_request(self, index: int, prompt_ids: list[int], params: SamplingParams,
+                     prompt: str | None = None) -> Request:
+        """Validate one request; raises RequestError and queues nothing if it cannot run."""
+        if not prompt_ids:
+            raise RequestError(f"prompt {index} is empty: at least one token is needed")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(
+                f"prompt {index} has {len(prompt_ids)} tokens, but max_seq_len is {self.max_seq_len} "
+                "(the prompt and at least one new token must fit)")
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise RequestError(f"prompt {index} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        try:
+            params.validate()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer, and this model folder has none")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device)
+            generator.manual_seed(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
+        return Request(index, prompt, list(prompt_ids), params, detok, generator)
+
+    def submit(self, requests: list[Request]) -> None:
+        with self.lock:
+            self.waiting.extend(requests)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one scheduler step ----------------------------------------------------------------
+    def step(self) -> None:
+        """Admit waiting requests into free slots (prefill), then decode one token for all running."""
+        with self.lock:
+            try:
+                self._admit()
+                if self.running:
+                    self._decode_step()
+            except Exception as e:
+                self._fail_all(f"{type(e).__name__}: {e}")
+                raise
+
+    def _admit(self) -> None:
+        max_group = self.runner.buckets.batch_sizes[-1]
+        while self.waiting and self.cache.num_free():
+            group = []
+            while self.waiting and len(group) < min(self.cache.num_free(), max_group):
+                group.append(self.waiting.popleft())
+            slots = [self.cache.alloc() for _ in group]
+            for req, slot in zip(group, slots):
+                req.slot = slot
+                self.running[slot] = req
+            logits = self.runner.prefill([r.prompt_ids for r in group], slots)  # [n, V]
+            idx = torch.tensor(slots, device=self.runner.device)
+            self.temperature[idx] = torch.tensor([r.params.temperature for r in group], device=idx.device)
+            self.top_k[idx] = torch.tensor([r.params.top_k or self.vocab_size for r in group], device=idx.device)
+            self.top_p[idx] = torch.tensor([r.params.top_p or 1.0 for r in group], device=idx.device)
+            first = self._sample(logits, idx, group)  # [n]
+            self.tokens[idx, 0] = first
+            self.positions[idx] = torch.tensor([len(r.prompt_ids) for r in group], device=idx.device)
+            self.active[idx] = 1
+            for req, token in zip(group, first.tolist()):
+                self._append_token(req, token)
+
+    def _decode_step(self) -> None:
+        B = self.runner.buckets.batch_for(max(self.running) + 1)
+        logits = self.runner.decode(self.tokens[:B], self.positions[:B])  # [B, V]
+        rows = list(range(B))
+        next_tokens = self._sample(logits, torch.arange(B, device=logits.device),
+                                   [self.running.get(i) for i in rows])
+        self.tokens[:B, 0] = next_tokens
+        self.positions[:B] += self.active[:B]
+        host_tokens = next_tokens.tolist()  # the one host sync per step
+        for slot, req in list(self.running.items()):
+            self._append_token(req, host_tokens[slot])
+
+    def _sample(self, logits: torch.Tensor, slot_idx: torch.Tensor, reqs: list) -> torch.Tensor:
+        """Sample one token per row; rows whose request is None (idle slots) get greedy garbage."""
+        if all(r is None or r.params.greedy for r in reqs):
+            return logits.argmax(dim=-1)
+        noise = torch.ones_like(logits)
+        for row, r in enumerate(reqs):
+            if r is not None and not r.params.greedy:
+                noise[row].exponential_(generator=r.generator or self._default_generator)
+        return sample(logits, self.temperature[slot_idx], self.top_k[slot_idx], self.top_p[slot_idx], noise)
+
+    # ---- per-request bookkeeping -----------------------------------------------------------
+    def _append_token(self, req: Request, token: int) -> None:
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+        req.output_ids.append(token)
+        p = req.params
+        finish = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            finish = "stop"
+        elif len(req.output_ids) >= p.max_new_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len:
+            finish = "length"
+        if req.detokenizer is not None:
+            req.text = req.detokenizer.text(req.output_ids)
+            hit = _find_stop(req.text, p.stop, search_from=req.emitted_chars)
+            if hit is not None:
+                req.text, finish = req.text[:hit], "stop"
+        self._emit(req, final=finish is not None)
+        if finish:
+            self._finish(req, finish)
+
+    def _emit(self, req: Request, final: bool) -> None:
+        end = len(req.text)
+        if not final:
+            # hold back what could still become a stop string or an incomplete UTF-8 character
+            hold = max((len(s) - 1 for s in req.params.stop), default=0)
+            end = max(req.emitted_chars, end - hold)
+            while end > req.emitted_chars and req.text[end - 1] == "\ufffd":
+                end -= 1
+        new_text = req.text[req.emitted_chars:end]
+        new_ids = req.output_ids[req.emitted_tokens:]
+        if new_text or new_ids or final:
+            req.events.append(StreamEvent(req.index, new_text, new_ids))
+        req.emitted_chars, req.emitted_tokens = end, len(req.output_ids)
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        req.finish_reason, req.error, req.t_done = reason, error, time.perf_counter()
+        if req.events:
+            req.events[-1].finish_reason = reason
+        else:
+            req.events.append(StreamEvent(req.index, "", [], reason))
+        if req.slot is not None and self.running.get(req.slot) is req:
+            del self.running[req.slot]
+            self.active[req.slot] = 0
+            self.positions[req.slot] = self.cache.scratch_position
+            self.cache.free(req.slot)
+
+    def abort(self, requests: list[Request], reason: str = "aborted") -> None:
+        """Drop unfinished requests (a stream whose reader went away); frees their slots."""
+        with self.lock:
+            for req in requests:
+                if not req.finished:
+                    if req in self.waiting:
+                        self.waiting.remove(req)
+                    self._finish(req, "error", reason)
+
+    def _fail_all(self, error: str) -> None:
+        """After an exception inside a step: fail every in-flight request, reset slot state, stay usable."""
+        for req in list(self.running.values()) + list(self.waiting):
+            req.finish_reason, req.error, req.t_done = "error", error, time.perf_counter()
+            req.events.append(StreamEvent(req.index, "", [], "error"))
+        self.running.clear()
+        self.waiting.clear()
+        self.cache.reset()
+        self.active.zero_()
+        self.positions.fill_(self.cache.scratch_position)
+
+
+def _find_stop(text: str, stops, search_from: int) -> int | None:
+    """Index where the earliest stop string starts, looking only at text not yet emitted."""
+    hits = []
+    for s in stops:
+        i = text.find(s, max(0, search_from - len(s) + 1))
+        if i >= 0:
+            hits.append(i)
+    return min(hits) if hits else None

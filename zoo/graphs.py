@@ -1,0 +1,144 @@
+"""Shape buckets and the compiled prefill / decode graphs.
+
+Every call is padded up to a bucket: prefill to [batch bucket, length bucket], decode to
+[batch bucket, 1]. With `torch.compile(fullgraph=True, dynamic=False)` each bucket is one graph,
+compiled on first use (or ahead of time by `warmup`). After that, any mix of requests inside the
+warmed buckets replays existing graphs: no recompiles, no graph breaks.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch._dynamo
+
+from zoo.kv_cache import KVCache
+
+
+def _log(msg: str) -> None:
+    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
+
+
+def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
+    sizes, n = [], start
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return sizes + [limit]
+
+
+@dataclass(frozen=True)
+class Buckets:
+    batch_sizes: tuple[int, ...]  # prefill and decode batch buckets
+    prefill_lens: tuple[int, ...]  # prompt length buckets
+
+    @classmethod
+    def default(cls, max_batch_size: int, max_seq_len: int) -> "Buckets":
+        return cls(tuple(_powers_of_two_up_to(max_batch_size)),
+                   tuple(_powers_of_two_up_to(max_seq_len, start=min(32, max_seq_len))))
+
+    def batch_for(self, n: int) -> int:
+        return _smallest_at_least(self.batch_sizes, n, "batch size")
+
+    def prefill_len_for(self, n: int) -> int:
+        return _smallest_at_least(self.prefill_lens, n, "prompt length")
+
+    def validate(self, max_batch_size: int, max_seq_len: int) -> None:
+        for name, values, limit in (("batch_sizes", self.batch_sizes, max_batch_size),
+                                    ("prefill_lens", self.prefill_lens, max_seq_len)):
+            if not values or list(values) != sorted(set(values)) or values[0] < 1:
+                raise ValueError(f"buckets.{name} must be increasing positive ints, got {values}")
+            if values[-1] != limit:
+                raise ValueError(f"buckets.{name} must end at {limit} (the configured maximum), got {values}")
+
+
+def _smallest_at_least(sizes, n: int, what: str) -> int:
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{what} {n} exceeds the largest bucket {sizes[-1]}")
+
+
+class GraphRunner:
+    """Calls the model's prefill / decode, eager or compiled, with inputs padded to a bucket."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, buckets: Buckets, compiled: bool,
+                 inductor_options: dict | None = None):
+        self.model, self.cache, self.buckets, self.compiled = model, cache, buckets, compiled
+        self.inductor_options = dict(inductor_options or {})
+        self.first_call_seconds: dict[tuple, float] = {}  # bucket -> time of its first call (compile)
+        if compiled:
+            # Each bucket is one more cache entry on the same code object.
+            n_graphs = len(buckets.batch_sizes) * (len(buckets.prefill_lens) + 1)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs + 2)
+            compile_ = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options=self.inductor_options)
+            self._prefill, self._decode = compile_(model.prefill), compile_(model.decode)
+        else:
+            self._prefill, self._decode = model.prefill, model.decode
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.k[0].device
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(self.first_call_seconds.values()) if self.compiled else 0.0
+
+    def _timed_first_call(self, key: tuple, fn, *args):
+        if key in self.first_call_seconds:
+            return fn(*args)
+        if self.compiled:
+            _log(f"compiling {key[0]} graph for batch {key[1]}" + (f", length {key[2]}" if len(key) > 2 else "")
+                 + f" (inductor options {self.inductor_options})")
+        start = time.perf_counter()
+        out = fn(*args)
+        self.first_call_seconds[key] = time.perf_counter() - start
+        if self.compiled:
+            _log(f"  ... {self.first_call_seconds[key]:.1f} s")
+        return out
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Prompts (token ids) written into cache `slots` -> logits of each prompt's last token [n, V]."""
+        n = len(prompts)
+        B = self.buckets.batch_for(n)
+        S = self.buckets.prefill_len_for(max(len(p) for p in prompts))
+        input_ids = torch.zeros(B, S, dtype=torch.long)
+        lengths = torch.ones(B, dtype=torch.long)  # padding rows: length 1 ...
+        slot_ids = torch.full((B,), self.cache.scratch_slot, dtype=torch.long)  # ... in the scratch slot
+        for i, (prompt, slot) in enumerate(zip(prompts, slots)):
+            input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            lengths[i], slot_ids[i] = len(prompt), slot
+        dev = self.device
+        logits = self._timed_first_call(("prefill", B, S), self._prefill, input_ids.to(dev), lengths.to(dev),
+                                        slot_ids.to(dev), self.cache.k, self.cache.v)
+        return logits[:n]
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, 1], positions [B] on the device, B a batch bucket -> logits [B, V]."""
+        B = input_ids.shape[0]
+        return self._timed_first_call(("decode", B), self._decode, input_ids, positions, self.cache.k, self.cache.v)
+
+    def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True) -> None:
+        """Build (compile) the graphs for these buckets now, writing only to scratch cache space."""
+        batch_sizes = batch_sizes or self.buckets.batch_sizes
+        prefill_lens = self.buckets.prefill_lens if prefill_lens is None else prefill_lens
+        scratch_slot, scratch_pos = self.cache.scratch_slot, self.cache.scratch_position
+        dev = self.device
+        with torch.no_grad():
+            for B in batch_sizes:
+                B = self.buckets.batch_for(B)
+                for S in prefill_lens:
+                    S = self.buckets.prefill_len_for(S)
+                    if ("prefill", B, S) not in self.first_call_seconds:
+                        self._timed_first_call(
+                            ("prefill", B, S), self._prefill, torch.zeros(B, S, dtype=torch.long, device=dev),
+                            torch.ones(B, dtype=torch.long, device=dev),
+                            torch.full((B,), scratch_slot, dtype=torch.long, device=dev), self.cache.k, self.cache.v)
+                if decode and ("decode", B) not in self.first_call_seconds:
+                    # idle rows write only at the scratch position
+                    self.decode(torch.zeros(B, 1, dtype=torch.long, device=dev),
+                                torch.full((B,), scratch_pos, dtype=torch.long, device=dev))

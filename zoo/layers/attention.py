@@ -1,0 +1,57 @@
+"""Self-attention over an explicit, statically shaped KV cache.
+
+The cache for one layer is a pair of tensors k/v of shape [slots, kv_heads, max_len, head_dim]
+owned by the caller (zoo.kv_cache). Each forward writes this call's keys/values in place at
+(slot, position) with `index_put_` — no Python ints from the data, so one graph serves all lengths.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.layers.rotary import apply_rotary
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-forward inputs every layer shares; built once by the model, inside the graph."""
+
+    cos: torch.Tensor  # [B, S, hd] float32
+    sin: torch.Tensor  # [B, S, hd] float32
+    # index_put_ indices that broadcast to [B, KV, S]: slot [B,1,1], head [1,KV,1], position [B,1,S]
+    kv_write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    mask: torch.Tensor  # [B, 1, S, T] bool, True = may attend
+    # decode: attend over cache slots [0, B); prefill: over this call's own keys (T == S)
+    attend_to_cache: bool
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 qkv_bias: bool = False, o_bias: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        # q, k and v projections fused into one matmul: rows [q; k; v]
+        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape  # [B, S, D]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
+        v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
+        q = apply_rotary(q, meta.cos, meta.sin)
+        k = apply_rotary(k, meta.cos, meta.sin)
+
+        k_cache.index_put_(meta.kv_write_index, k)
+        v_cache.index_put_(meta.kv_write_index, v)
+        if meta.attend_to_cache:
+            k, v = k_cache[:B], v_cache[:B]  # [B, KV, T, hd], a view: batch row i is slot i
+
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=meta.mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # [B, H, S, hd]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.q_size))

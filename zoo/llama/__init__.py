@@ -1,0 +1,3 @@
+from zoo.llama.modeling_llama import LlamaForCausalLM
+
+__all__ = ["LlamaForCausalLM"]

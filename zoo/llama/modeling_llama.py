@@ -1,0 +1,129 @@
+"""Llama (2, 3, 3.1/3.2) hand-adapted for graph mode.
+
+Two entry points, each compiled into one static-shape graph per bucket:
+  prefill(input_ids [B, S], lengths [B], slot_ids [B], k_caches, v_caches) -> logits [B, V]
+  decode (input_ids [B, 1], positions [B],            k_caches, v_caches) -> logits [B, V]
+Lengths, positions and batch slots are tensors, never Python ints taken from data, so one graph
+serves every prompt length inside its bucket. The KV cache is one k and one v tensor per layer,
+shape [slots, KV, T, hd], passed in and updated in place. Decode row i always uses cache slot i.
+"""
+import torch
+from torch import nn
+
+from zoo.config import ModelConfig
+from zoo.layers import Attention, AttentionMetadata, GatedMLP, RMSNorm, RotaryEmbedding
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config.hidden_size, config.num_heads, config.num_kv_heads,
+                                   config.head_dim, config.qkv_bias, config.o_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+
+    def forward(self, x, meta: AttentionMetadata, k_cache, v_cache):  # x [B, S, D]
+        h = x + self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, meta, k_caches, v_caches):  # [B, S] -> [B, S, D] (before final norm)
+        h = self.embed_tokens(input_ids)
+        for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
+            h = layer(h, meta, k_cache, v_cache)
+        return h
+
+
+class LlamaForCausalLM(nn.Module):
+    # Our fused parameter <- the checkpoint tensors it is concatenated from (along dim 0).
+    FUSED_FROM_CHECKPOINT = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
+
+    # ---- weights ---------------------------------------------------------------------------
+    def checkpoint_sources(self) -> dict[str, list[str]]:
+        """Each parameter to load -> the checkpoint tensor names it is built from."""
+        plan = {}
+        for name, _ in self.named_parameters():
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # shares the embedding table, see tie_weights()
+            module_path, _, leaf = name.rpartition(".")
+            parent, _, proj = module_path.rpartition(".")
+            if proj in self.FUSED_FROM_CHECKPOINT:
+                plan[name] = [f"{parent}.{part}.{leaf}" for part in self.FUSED_FROM_CHECKPOINT[proj]]
+            else:
+                plan[name] = [name]
+        return plan
+
+    def fused_row_split(self, name: str) -> list[int]:
+        """Rows each checkpoint piece takes in the fused parameter `name` (for shape checks)."""
+        c = self.config
+        if ".qkv_proj." in name:
+            return [c.q_size, c.kv_size, c.kv_size]
+        if ".gate_up_proj." in name:
+            return [c.intermediate_size, c.intermediate_size]
+        raise KeyError(name)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ---- graph entry points ----------------------------------------------------------------
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, V] float32
+        return self.lm_head(self.model.norm(h_last)).float()
+
+    def prefill(self, input_ids, lengths, slot_ids, k_caches, v_caches):
+        """Whole prompts from position 0. input_ids [B, S] right-padded; lengths [B] real lengths
+        (>= 1); slot_ids [B] cache slot each row's keys/values are written to."""
+        input_ids = input_ids.clone()  # a fresh tensor keeps the FX graph input stable
+        B, S = input_ids.shape
+        device = input_ids.device
+        positions = torch.arange(S, device=device).expand(B, S)  # [B, S]
+        cos, sin = self.rotary(positions, lengths)
+        # causal inside the prompt; keys past a row's length are padding
+        q_pos, k_pos = positions[:, :, None], positions[:, None, :]  # [B, S, 1], [B, 1, S]
+        mask = (k_pos <= q_pos) & (k_pos < lengths[:, None, None])  # [B, S, S]
+        heads = torch.arange(self.config.num_kv_heads, device=device)
+        meta = AttentionMetadata(
+            cos, sin,
+            kv_write_index=(slot_ids[:, None, None], heads[None, :, None], positions[:, None, :]),
+            mask=mask[:, None], attend_to_cache=False,
+        )
+        h = self.model(input_ids, meta, k_caches, v_caches)  # [B, S, D]
+        h_last = h[torch.arange(B, device=device), lengths - 1]  # [B, D] last real token per row
+        return self._logits(h_last)
+
+    def decode(self, input_ids, positions, k_caches, v_caches):
+        """One new token per slot. input_ids [B, 1]; positions [B] where each token goes (rows of
+        idle slots point at the cache's scratch column T-1, which no real row ever attends to)."""
+        input_ids = input_ids.clone()
+        B = input_ids.shape[0]
+        device = input_ids.device
+        T = k_caches[0].shape[2]
+        pos = positions[:, None]  # [B, 1]
+        cos, sin = self.rotary(pos, positions + 1)
+        mask = torch.arange(T, device=device)[None, :] <= pos  # [B, T]
+        heads = torch.arange(self.config.num_kv_heads, device=device)
+        meta = AttentionMetadata(
+            cos, sin,
+            kv_write_index=(torch.arange(B, device=device)[:, None, None], heads[None, :, None], pos[:, None, :]),
+            mask=mask[:, None, None, :], attend_to_cache=True,
+        )
+        h = self.model(input_ids, meta, k_caches, v_caches)  # [B, 1, D]
+        return self._logits(h[:, 0])
