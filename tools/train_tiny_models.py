@@ -46,6 +46,7 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.utils import logging as hf_logging  # noqa: E402
 
 SEED = 0
 VOCAB_SIZE = 512  # BPE vocabulary incl. special tokens; the Zen becomes ~230 tokens
@@ -163,7 +164,8 @@ def train_tokenizer(text: str, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
             special_tokens=[(spec.bos, bos_id)],
         )
     else:
-        # ByteLevel post-processing with trim_offsets=False only keeps offsets as-is.
+        # No BOS/EOS is added. This is the post-processor Qwen2's own tokenizer.json
+        # uses; with trim_offsets=False it leaves ids and offsets untouched.
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
 
     return PreTrainedTokenizerFast(
@@ -236,7 +238,7 @@ def qwen2_config(tok) -> Qwen2Config:
 
 @dataclass
 class TrainSettings:
-    steps: int = 600
+    steps: int = 400
     batch: int = 16
     min_len: int = 64
     max_len: int = 256  # longer than one document, so full-length contexts are trained
@@ -364,7 +366,9 @@ def build(name: str, out_dir: Path, text: str, spec: TokenizerSpec, make_config,
     folder.mkdir(parents=True)
     model.generation_config.pad_token_id = tok.eos_token_id
     model.save_pretrained(folder)  # transformers 5 always writes safetensors
-    tok.save_pretrained(folder)
+    # Keep the chat template inside tokenizer_config.json (rather than a separate
+    # chat_template.jinja) so that older transformers versions find it as well.
+    tok.save_pretrained(folder, save_jinja_files=False)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="directory that receives tiny-llama/ and tiny-qwen2/")
     args = parser.parse_args(argv)
 
+    hf_logging.disable_progress_bar()  # our own progress lines are enough
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
     text = zen_text()

@@ -151,12 +151,13 @@ class Model:
     def stream(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-               ignore_eos: bool = False) -> Iterator[StreamEvent]:
+               ignore_eos: bool = False) -> "Stream":
         """Like generate(), but yields StreamEvent(index, text, token_ids, finish_reason) pieces as
-        they are produced. Closing the iterator early aborts its unfinished requests."""
+        they are produced. Closing the iterator early aborts its unfinished requests; once it is
+        exhausted, `.results` holds the GenerationResults."""
         requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
                                   stop_token_ids, ignore_eos)
-        return self._run(requests)
+        return Stream(self._run(requests), requests)
 
     def _requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids,
                   ignore_eos) -> list[Request]:
@@ -193,6 +194,26 @@ class Model:
                 self.engine.step()
         finally:
             self.engine.abort(requests, "the stream was closed before the request finished")
+
+
+class Stream:
+    """Iterator of StreamEvents for one stream() call."""
+
+    def __init__(self, events: Iterator[StreamEvent], requests: list[Request]):
+        self._events, self._requests = events, requests
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._events.close()
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        return [r.result() for r in self._requests]
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from zoo.config import ConfigError, ModelConfig
+
+BASE = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=2, intermediate_size=128, vocab_size=100, max_position_embeddings=256)
+
+
+def parse(**fields):
+    return ModelConfig.from_dict({**BASE, **fields})
+
+
+def test_llama3_rope_in_transformers5_format():
+    c = parse(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    assert (c.family, c.rope.type, c.rope.theta, c.rope.factor) == ("llama", "llama3", 500000.0, 8.0)
+    assert c.rope.original_max_position_embeddings == 8192 and c.head_dim == 16 and c.num_kv_heads == 2
+
+
+def test_legacy_rope_scaling_with_type_key():
+    c = parse(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
+    assert (c.rope.type, c.rope.theta, c.rope.factor) == ("linear", 1e6, 2.0)
+    c = parse(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert c.rope.type == "dynamic"
+
+
+def test_qwen2_has_qkv_bias_and_tied_embeddings():
+    c = parse(architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True, use_sliding_window=False,
+              sliding_window=4096)
+    assert c.family == "qwen2" and c.qkv_bias and not c.o_bias and c.tie_word_embeddings
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(ConfigError, match=r"unsupported architecture 'MistralForCausalLM'.*'architectures'"):
+        parse(architectures=["MistralForCausalLM"])
+
+
+def test_unsupported_rope_type_is_named():
+    with pytest.raises(ConfigError, match=r"rope_scaling.rope_type='yarn' is not supported"):
+        parse(rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
+
+def test_missing_rope_field_is_named():
+    with pytest.raises(ConfigError, match=r"rope_parameters.low_freq_factor is required"):
+        parse(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "high_freq_factor": 4.0})
+
+
+def test_sliding_window_in_use_is_refused():
+    with pytest.raises(ConfigError, match=r"use_sliding_window"):
+        parse(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=64, max_window_layers=0)
+
+
+def test_sliding_window_not_in_use_is_accepted():
+    # switched on, but no layer reaches max_window_layers: every layer attends fully
+    parse(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=64, max_window_layers=2)
+    # switched on, window as long as the context: no effect
+    parse(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=256, max_window_layers=0)
+
+
+def test_missing_required_field_is_named():
+    raw = dict(BASE)
+    del raw["intermediate_size"]
+    with pytest.raises(ConfigError, match=r"'intermediate_size' is missing"):
+        ModelConfig.from_dict(raw)
+
+
+def test_missing_folder_and_bad_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model folder not found"):
+        ModelConfig.from_dir(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=r"no config.json"):
+        ModelConfig.from_dir(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"not valid JSON"):
+        ModelConfig.from_dir(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "hidden_act": "gelu"}))
+    with pytest.raises(ConfigError, match=r"hidden_act='gelu'"):
+        ModelConfig.from_dir(str(tmp_path))
