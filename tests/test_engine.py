@@ -1,0 +1,165 @@
+"""Engine behaviour on a tiny random-weight Llama: stop rules, waves of requests beyond the slot
+count, sampling, streaming, and bad input that leaves the model usable."""
+import pytest
+import torch
+
+import zoo
+from zoo import RequestError
+
+PROMPTS = [[3, 17, 42, 99, 7], [5, 9], [100, 101, 102, 103, 104, 105, 106, 107, 108]]
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return zoo.load(checkpoint("llama3_gqa"), max_batch_size=2, max_seq_len=64)
+
+
+def solo(model, prompt, **kw):
+    return model.generate(prompt, **kw).token_ids
+
+
+def test_more_prompts_than_slots_run_in_waves_with_solo_results(model):
+    prompts = PROMPTS * 2  # 6 requests, 2 slots
+    outs = model.generate(prompts, max_new_tokens=12)
+    assert [o.index for o in outs] == list(range(6))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == solo(model, prompt, max_new_tokens=12)
+    assert model.engine.cache.num_free() == 2 and not model.engine.running
+
+
+def test_stop_token_ids_and_max_new_tokens(model):
+    full = solo(model, PROMPTS[0], max_new_tokens=20)
+    stop_at = full[5]
+    first = full.index(stop_at)
+    out = model.generate(PROMPTS[0], max_new_tokens=20, stop_token_ids=[stop_at])
+    assert out.token_ids == full[: first + 1] and out.finish_reason == "stop"
+    out = model.generate(PROMPTS[0], max_new_tokens=3)
+    assert out.token_ids == full[:3] and out.finish_reason == "length"
+
+
+def test_context_end_finishes_with_length(model):
+    prompt = list(range(1, 60))  # 59 tokens, max_seq_len 64
+    out = model.generate(prompt, max_new_tokens=50)
+    assert len(out.token_ids) == 64 - 59 and out.finish_reason == "length"
+
+
+def test_rows_of_different_lengths_finish_independently(model):
+    outs = model.generate(PROMPTS[:2], max_new_tokens=7)
+    assert all(len(o.token_ids) == 7 for o in outs)
+    out_short = model.generate(PROMPTS[:2], max_new_tokens=2)
+    assert [o.token_ids for o in out_short] == [o.token_ids[:2] for o in outs]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
+    kw = dict(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    a = model.generate(PROMPTS, **kw)
+    b = model.generate(PROMPTS[::-1], **kw)[::-1]
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    c = model.generate(PROMPTS[0], **{**kw, "seed": 99})
+    greedy = solo(model, PROMPTS[0], max_new_tokens=16)
+    assert c.token_ids != a[0].token_ids or a[0].token_ids != greedy  # sampling actually samples
+
+
+def test_top_k_1_is_greedy(model):
+    out = model.generate(PROMPTS[1], max_new_tokens=16, temperature=1.5, top_k=1, seed=0)
+    assert out.token_ids == solo(model, PROMPTS[1], max_new_tokens=16)
+
+
+def test_sampling_respects_top_k():
+    from zoo.sampling import sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100)
+    top3 = logits.topk(3).indices
+    for _ in range(20):
+        noise = torch.empty(4, 100).exponential_()
+        tok = sample(logits, torch.full((4,), 2.0), torch.full((4,), 3), torch.ones(4), noise)
+        assert all(tok[i] in top3[i] for i in range(4))
+    # top_p tiny keeps only the most likely token
+    tok = sample(logits, torch.ones(4), torch.full((4,), 100), torch.full((4,), 1e-6), torch.empty(4, 100).exponential_())
+    assert torch.equal(tok, logits.argmax(-1))
+
+
+def test_stream_pieces_add_up_to_the_result(model):
+    stream = model.stream(PROMPTS, max_new_tokens=10)
+    got = {i: [] for i in range(3)}
+    finish = {}
+    for ev in stream:
+        got[ev.index] += ev.token_ids
+        if ev.finish_reason:
+            finish[ev.index] = ev.finish_reason
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert [got[i] for i in range(3)] == [r.token_ids for r in stream.results]
+    assert stream.results[0].token_ids == solo(model, PROMPTS[0], max_new_tokens=10)
+
+
+def test_closing_a_stream_early_frees_its_slots(model):
+    stream = model.stream(PROMPTS, max_new_tokens=30)
+    next(stream)
+    stream.close()
+    assert model.engine.cache.num_free() == 2 and not model.engine.running and not model.engine.waiting
+    assert [r.finish_reason for r in stream.results] == ["error"] * 3
+    assert solo(model, PROMPTS[0], max_new_tokens=4) == solo(model, PROMPTS[0], max_new_tokens=8)[:4]
+
+
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([[]], {}, r"prompt 0 is empty"),
+    ([[1, 2], list(range(1, 65))], {}, r"prompt 1 has 64 tokens, but max_seq_len is 64"),
+    ([[1, 2, 999]], {}, r"token ids outside \[0, 256\): \[999\]"),
+    ([[1, 2]], {"temperature": -1.0}, r"temperature must be >= 0"),
+    ([[1, 2]], {"max_new_tokens": 0}, r"max_new_tokens must be an int >= 1"),
+    ([[1, 2]], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+    ([[1, 2]], {"stop": ["x"]}, r"stop strings need a tokenizer"),
+    (["some text"], {}, r"has no tokenizer files"),
+    ([], {}, r"no prompts given"),
+    ([[1.5]], {}, r"must be a string or a list of token ids"),
+])
+def test_bad_requests_raise_clear_errors_and_leave_the_model_usable(model, prompts, kwargs, message):
+    before = solo(model, PROMPTS[2], max_new_tokens=6)
+    with pytest.raises(RequestError, match=message):
+        model.generate(prompts, max_new_tokens=kwargs.pop("max_new_tokens", 5), **kwargs)
+    assert not model.engine.waiting and not model.engine.running
+    assert solo(model, PROMPTS[2], max_new_tokens=6) == before
+
+
+def test_failure_inside_a_step_fails_the_requests_and_the_engine_recovers(model, monkeypatch):
+    expected = solo(model, PROMPTS[0], max_new_tokens=6)
+    runner = model.engine.runner
+    real_decode = runner.decode
+    calls = {"n": 0}
+
+    def flaky_decode(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated device failure")
+        return real_decode(*args)
+
+    monkeypatch.setattr(runner, "decode", flaky_decode)
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        model.generate(PROMPTS, max_new_tokens=6)
+    assert model.engine.cache.num_free() == 2 and not model.engine.running
+    assert solo(model, PROMPTS[0], max_new_tokens=6) == expected
+
+
+def test_kv_export_import_round_trip(model):
+    """A request's KV moved to another slot continues identically (the basis of PD hand-over)."""
+    eng = model.engine
+    prompt = PROMPTS[2]
+    expected = solo(model, prompt, max_new_tokens=5)
+    a, b = eng.cache.alloc(), eng.cache.alloc()
+    try:
+        first = eng.runner.prefill([prompt], [a]).argmax(-1)
+        ks, vs = eng.cache.export_slot(a, len(prompt))
+        assert ks[0].shape == (2, len(prompt), 16)
+        eng.cache.import_slot(b, ks, vs)
+        B = eng.runner.buckets.batch_for(b + 1)
+        ids = torch.zeros(B, 1, dtype=torch.long)
+        pos = torch.full((B,), eng.cache.scratch_position)
+        tokens = [first.item()]
+        for step in range(4):
+            ids[b, 0], pos[b] = tokens[-1], len(prompt) + step
+            tokens.append(eng.runner.decode(ids, pos)[b].argmax().item())
+    finally:
+        eng.cache.free(a)
+        eng.cache.free(b)
+    assert tokens == expected
