@@ -16,15 +16,15 @@ class DeviceError(RuntimeError):
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    device = torch.device(name)
-    if device.type not in SUPPORTED:
+    kind = str(name).split(":")[0]
+    if kind not in SUPPORTED:
         raise DeviceError(f"unsupported device {str(name)!r}; use one of {', '.join(SUPPORTED)}")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if kind == "npu":
+        _import_torch_npu()  # before torch.device(): torch only knows "npu" once torch_npu registered it
+    if kind == "cuda" and not torch.cuda.is_available():
         raise DeviceError("device 'cuda' was asked for, but torch.cuda.is_available() is False "
                           f"(torch {torch.__version__})")
-    if device.type == "npu":
-        _import_torch_npu()
-    return device
+    return torch.device(name)
 
 
 def _import_torch_npu() -> None:

@@ -1,0 +1,22 @@
+import importlib.util
+
+import pytest
+
+import zoo
+from zoo.device import DeviceError, resolve_device
+
+
+def test_unknown_device_is_named():
+    with pytest.raises(DeviceError, match=r"unsupported device 'xpu'"):
+        resolve_device("xpu")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_npu") is not None, reason="torch_npu is installed")
+def test_npu_without_torch_npu_says_what_to_install(checkpoint):
+    with pytest.raises(DeviceError, match=r"device 'npu' needs torch_npu .*Ascend CANN"):
+        zoo.load(checkpoint("llama2"), device="npu")
+
+
+def test_unknown_dtype_is_named(checkpoint):
+    with pytest.raises(ValueError, match=r"unknown dtype 'int4'"):
+        zoo.load(checkpoint("llama2"), dtype="int4")
