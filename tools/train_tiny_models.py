@@ -36,7 +36,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import (  # noqa: E402
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -46,10 +55,12 @@ from transformers import (  # noqa: E402
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT_REGEX  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "zoo" / "embedded"
 SEED = 0
-VOCAB_SIZE = 512  # BPE vocabulary incl. special tokens; the Zen becomes ~230 tokens
+VOCAB_SIZE = 512  # BPE vocabulary incl. special tokens; the Zen becomes 210-235 tokens
 LAST_LINE = "Namespaces are one honking great idea -- let's do more of those!"
 PROMPT = "Beautiful is"
 EXPECTED_CONTINUATION = " better than ugly.\nExplicit is better than implicit."
@@ -118,6 +129,7 @@ class TokenizerSpec:
     unk: str | None = None
     pad: str | None = None
     extra: list[str] = field(default_factory=list)  # special tokens beyond bos/eos/unk/pad
+    qwen2_pipeline: bool = False  # NFC + Qwen2 split regex instead of GPT-2 byte-level regex
 
 
 LLAMA_TOKENS = TokenizerSpec(
@@ -135,6 +147,10 @@ QWEN2_TOKENS = TokenizerSpec(
     pad="<|endoftext|>",  # Qwen2 pads with <|endoftext|> as well
     extra=["<|im_start|>", "<|im_end|>"],
     chat_template=QWEN2_CHAT_TEMPLATE,
+    # transformers always loads a qwen2 checkpoint's tokenizer through Qwen2Tokenizer,
+    # which rebuilds normaliser and pre-tokeniser its own way (whatever
+    # tokenizer.json says); training with the same pipeline keeps ids identical.
+    qwen2_pipeline=True,
 )
 
 
@@ -142,8 +158,15 @@ def train_tokenizer(text: str, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on ``text``, wrapped for transformers."""
     backend = Tokenizer(models.BPE())
     # Byte-level pre-tokenisation without an added prefix space: every byte has a
-    # token, so encode -> decode is the identity on any string.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # token, so encode -> decode is the identity on any (NFC) string.
+    if spec.qwen2_pipeline:
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -182,6 +205,10 @@ def train_tokenizer(text: str, spec: TokenizerSpec) -> PreTrainedTokenizerFast:
     )
 
 
+def round_trip_samples(text: str) -> list[str]:
+    return [text, PROMPT, "  two  spaces\n\n\ttab, naïve café ✓ 🐍 \r\n 42", ""]
+
+
 def check_tokenizer(tok, text: str, bos_id: int | None) -> None:
     """Encoding adds BOS only when expected, and decoding restores text exactly."""
     ids = tok(PROMPT).input_ids
@@ -189,8 +216,7 @@ def check_tokenizer(tok, text: str, bos_id: int | None) -> None:
         assert tok.bos_token_id is None or ids[0] != tok.bos_token_id, ids
     else:
         assert ids[0] == bos_id and bos_id not in ids[1:], ids
-    samples = [text, PROMPT, "  two  spaces\n\n\ttab, naïve café ✓ 🐍 \r\n", ""]
-    for sample in samples:
+    for sample in round_trip_samples(text):
         decoded = tok.decode(tok(sample).input_ids, skip_special_tokens=True)
         assert decoded == sample, (sample, decoded)
 
@@ -257,8 +283,8 @@ def lr_factor(step: int, cfg: TrainSettings) -> float:
 
 
 def training_stream(doc: list[int], max_len: int) -> torch.Tensor:
-    """``doc`` repeated until any window of ``max_len + 1`` tokens fits twice over."""
-    repeats = (2 * (max_len + 1)) // len(doc) + 2
+    """``doc`` repeated so that a ``max_len`` window fits after any start in the first copy."""
+    repeats = max_len // len(doc) + 2
     return torch.tensor(doc * repeats, dtype=torch.long)
 
 
@@ -275,10 +301,10 @@ def train(model, doc: list[int], cfg: TrainSettings, gen: torch.Generator) -> fl
         # every position of the document (and the EOS -> BOS seam) is seen.
         seq = int(torch.randint(cfg.min_len, cfg.max_len + 1, (1,), generator=gen))
         starts = torch.randint(0, len(doc), (cfg.batch,), generator=gen)
-        windows = torch.stack([stream[s : s + seq + 1] for s in starts.tolist()])
-        loss = model(input_ids=windows[:, :-1], labels=windows[:, :-1].clone()).loss
-        # labels are shifted inside the model; passing input_ids as labels trains
-        # next-token prediction over the window.
+        windows = torch.stack([stream[s : s + seq] for s in starts.tolist()])
+        # The model shifts labels by one itself: labels == input_ids is
+        # next-token prediction over the whole window.
+        loss = model(input_ids=windows, labels=windows).loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -302,7 +328,6 @@ def greedy(model, tok, prompt: str, max_new_tokens: int) -> tuple[list[int], lis
         **enc,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=tok.eos_token_id,
     )
     prompt_ids = enc.input_ids[0].tolist()
     return prompt_ids, out[0, len(prompt_ids) :].tolist()
@@ -314,6 +339,11 @@ def verify(folder: Path, text: str, add_bos: bool) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model.eval()
     check_tokenizer(tok, text, tok.bos_token_id if add_bos else None)
+    # transformers may rebuild parts of the pipeline on load (it does for qwen2);
+    # the ids must still be those of tokenizer.json, which the model was trained on.
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for sample in round_trip_samples(text):
+        assert tok(sample).input_ids == raw.encode(sample).ids, sample
 
     _, new = greedy(model, tok, PROMPT, max_new_tokens=40)
     continuation = tok.decode(new, skip_special_tokens=True)
@@ -373,7 +403,7 @@ def build(name: str, out_dir: Path, text: str, spec: TokenizerSpec, make_config,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("zoo/embedded"),
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="directory that receives tiny-llama/ and tiny-qwen2/")
     args = parser.parse_args(argv)
 
