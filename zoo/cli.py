@@ -63,6 +63,8 @@ def main(family: str, argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError, CheckpointError, DeviceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.compiled and model.tokenizer is not None:
+        _warm_up_for(model, prompts)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, stop=args.stop)
     try:
@@ -74,6 +76,16 @@ def main(family: str, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _warm_up_for(model, prompts) -> None:
+    """Compile the graphs these prompts start with, so the timings below exclude compiling
+    (a bucket first reached later, e.g. a smaller decode batch, still compiles on first use)."""
+    buckets = model.engine.runner.buckets
+    longest = max(len(model.tokenizer.encode(p)) for p in prompts)
+    if longest >= model.engine.max_seq_len:
+        return  # generate() reports the too-long prompt
+    model.warmup(batch_sizes=[buckets.batch_for(min(len(prompts), buckets.batch_sizes[-1]))], prompt_lens=[longest])
 
 
 def _run_json(model, prompts, sampling) -> None:
