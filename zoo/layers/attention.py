@@ -7,9 +7,9 @@ owned by the caller (zoo.kv_cache). Each forward writes this call's keys/values 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from zoo.layers.ops import AttentionOps
 from zoo.layers.rotary import apply_rotary
 
 
@@ -35,6 +35,7 @@ class Attention(nn.Module):
         # q, k and v projections fused into one matmul: rows [q; k; v]
         self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        self.ops = AttentionOps()  # a device backend may replace it (see zoo.layers.ops)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
@@ -46,12 +47,10 @@ class Attention(nn.Module):
         q = apply_rotary(q, meta.cos, meta.sin)
         k = apply_rotary(k, meta.cos, meta.sin)
 
-        k_cache.index_put_(meta.kv_write_index, k)
-        v_cache.index_put_(meta.kv_write_index, v)
+        self.ops.write_kv(k_cache, meta.kv_write_index, k)
+        self.ops.write_kv(v_cache, meta.kv_write_index, v)
         if meta.attend_to_cache:
             k, v = k_cache[:B], v_cache[:B]  # [B, KV, T, hd], a view: batch row i is slot i
 
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=meta.mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # [B, H, S, hd]
+        out = self.ops.attention(q, k, v, meta.mask, is_decode=meta.attend_to_cache)  # [B, H, S, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.q_size))

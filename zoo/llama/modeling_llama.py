@@ -80,6 +80,11 @@ class LlamaForCausalLM(nn.Module):
             return [c.intermediate_size, c.intermediate_size]
         raise KeyError(name)
 
+    def set_attention_ops(self, ops) -> None:
+        """Use a device backend's KV-write / attention kernels in every layer (zoo.layers.ops)."""
+        for layer in self.model.layers:
+            layer.self_attn.ops = ops
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
