@@ -10,10 +10,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from zoo.compile_config import CompileConfig, default_config_path, load_compile_config
 from zoo.config import ModelConfig
-from zoo.device import default_dtype, default_inductor_options, resolve_device
+from zoo.device import default_cache_dir, default_dtype, resolve_device
 from zoo.engine import Engine, GenerationResult, Request, RequestError, StreamEvent
-from zoo.graphs import Buckets, GraphRunner
+from zoo.graph_cache import GraphCache, cache_key_fields
+from zoo.graphs import Buckets, GraphRunner, compile_entry_points
 from zoo.kv_cache import KVCache
 from zoo.loader import load_weights
 from zoo.sampling import SamplingParams
@@ -50,13 +52,16 @@ def _log(msg: str) -> None:
 
 def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
          compiled: bool = False, max_batch_size: int = 8, max_seq_len: int | None = None,
-         buckets: Buckets | None = None, inductor_options: dict | None = None, verbose: bool = False) -> "Model":
+         buckets: Buckets | None = None, compile_config: str | CompileConfig | None = None,
+         inductor_options: dict | None = None, cache_dir: str | None = None, verbose: bool = False) -> "Model":
     """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer files]).
 
-    model_path None -> the embedded tiny Llama. compiled=True compiles prefill and decode with
-    torch.compile per shape bucket (each bucket on first use, or all at once with Model.warmup()).
-    max_seq_len defaults to min(max_position_embeddings, 2048); the KV cache holds max_batch_size
-    slots of that length. inductor_options override the device's defaults (see zoo.device).
+    model_path None -> the embedded tiny Llama. compiled=True compiles prefill and decode per
+    shape bucket as the compile config says (default: zoo/compile_configs/<family>.<device>.toml),
+    each bucket on first use or all at once with Model.warmup(); compiled graphs are kept in the
+    on-disk graph cache under cache_dir (default ~/.cache/zoo, or $ZOO_CACHE_DIR). max_seq_len
+    defaults to min(max_position_embeddings, 2048); the KV cache holds max_batch_size slots of
+    that length. buckets and inductor_options override the compile config's.
     """
     t0 = time.perf_counter()
     model_path = model_path or embedded_model_path("llama")
@@ -72,7 +77,9 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     max_seq_len = max_seq_len or min(config.max_position_embeddings, 2048)
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-    buckets = buckets or Buckets.default(max_batch_size, max_seq_len)
+    if not isinstance(compile_config, CompileConfig):
+        compile_config = load_compile_config(compile_config or default_config_path(config.family, dev.type))
+    buckets = buckets or compile_config.buckets(max_batch_size, max_seq_len)
     buckets.validate(max_batch_size, max_seq_len)
 
     tokenizer = Tokenizer.from_dir(model_path)
@@ -81,19 +88,41 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     load_weights(module, model_path, dtype, dev)
     module.eval()
     cache = KVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len, config.head_dim, dtype, dev)
-    options = {**default_inductor_options(dev, dtype), **(inductor_options or {})}
-    runner = GraphRunner(module, cache, buckets, compiled, options)
+    if compiled:
+        runner = _compiled_runner(module, cache, buckets, compile_config, inductor_options, dtype, dev,
+                                  cache_dir or default_cache_dir())
+    else:
+        runner = GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False)
     eos = set(config.eos_token_ids) | _generation_config_eos(model_path)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     engine = Engine(runner, cache, tokenizer, eos, max_seq_len, config.vocab_size)
     model = Model(config, module, tokenizer, engine, dev, dtype, model_path)
     if verbose:
+        graphs = f"compiled: {runner.description}" if compiled else "eager"
+        if runner.graph_cache is not None:
+            graphs += f"; graph cache {runner.graph_cache.status} at {runner.graph_cache.dir}"
         _log(f"loaded {config.architecture} from {model_path} on {dev} ({dtype}) in "
              f"{time.perf_counter() - t0:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache "
-             f"{cache.nbytes / 2**20:.1f} MiB ({max_batch_size} slots x {max_seq_len} tokens), "
-             f"{'compiled' if compiled else 'eager'}")
+             f"{cache.nbytes / 2**20:.1f} MiB ({max_batch_size} slots x {max_seq_len} tokens); {graphs}")
     return model
+
+
+def _compiled_runner(module, cache, buckets, compile_config: CompileConfig, inductor_overrides, dtype, device,
+                     cache_dir: str) -> GraphRunner:
+    if compile_config.backend == "inductor":
+        options = {**compile_config.inductor_options(dtype), **(inductor_overrides or {})}
+        fingerprint = {"backend": "inductor", "options": options}
+        description = f"inductor, options {options}"
+    else:
+        raise ValueError(f"{compile_config.source}: backend {compile_config.backend!r} is not available "
+                         f"on device {device.type!r}")
+    prefill, decode = compile_entry_points(module, compile_config.backend, options, buckets)
+    graph_cache = None
+    if compile_config.graph_cache:
+        fields = cache_key_fields(module, fingerprint, dtype, buckets, tuple(cache.k[0].shape), device)
+        graph_cache = GraphCache(cache_dir, fields)
+    return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache)
 
 
 def _generation_config_eos(model_path: str) -> set[int]:

@@ -7,6 +7,7 @@ import sys
 import time
 
 from zoo.api import embedded_model_path, load
+from zoo.compile_config import CompileConfigError
 from zoo.config import ConfigError
 from zoo.device import DeviceError
 from zoo.engine import RequestError
@@ -32,6 +33,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, help="KV-cache length (default: min(max_position_embeddings, 2048))")
+    p.add_argument("--compile-config", metavar="FILE",
+                   help="compile config TOML (default: zoo/compile_configs/<family>.<device>.toml)")
+    p.add_argument("--cache-dir", help="graph cache root (default: ~/.cache/zoo or $ZOO_CACHE_DIR)")
     p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
                    help="override an inductor option, e.g. cpp_wrapper=false (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
@@ -59,8 +63,9 @@ def main(family: str, argv: list[str] | None = None) -> int:
     try:
         model = load(args.model_path or embedded_model_path(family), device=args.device, dtype=args.dtype,
                      compiled=args.compiled, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                     compile_config=args.compile_config, cache_dir=args.cache_dir,
                      inductor_options=dict(_parse_option(o) for o in args.inductor_option), verbose=True)
-    except (FileNotFoundError, ConfigError, CheckpointError, DeviceError, ValueError) as e:
+    except (FileNotFoundError, ConfigError, CompileConfigError, CheckpointError, DeviceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.compiled and model.tokenizer is not None:

@@ -7,6 +7,7 @@ warmed buckets replays existing graphs: no recompiles, no graph breaks.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -62,21 +63,16 @@ def _smallest_at_least(sizes, n: int, what: str) -> int:
 
 
 class GraphRunner:
-    """Calls the model's prefill / decode, eager or compiled, with inputs padded to a bucket."""
+    """Calls prefill / decode with inputs padded to a bucket. The two callables come from a backend:
+    the eager module methods, torch.compile'd ones (see compile_entry_points), or exported graphs."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache, buckets: Buckets, compiled: bool,
-                 inductor_options: dict | None = None):
-        self.model, self.cache, self.buckets, self.compiled = model, cache, buckets, compiled
-        self.inductor_options = dict(inductor_options or {})
+    def __init__(self, prefill_fn, decode_fn, cache: KVCache, buckets: Buckets, compiled: bool,
+                 description: str = "eager", graph_cache=None):
+        self._prefill, self._decode = prefill_fn, decode_fn
+        self.cache, self.buckets, self.compiled = cache, buckets, compiled
+        self.description = description  # backend and options, shown when a graph compiles
+        self.graph_cache = graph_cache  # zoo.graph_cache.GraphCache or None
         self.first_call_seconds: dict[tuple, float] = {}  # bucket -> time of its first call (compile)
-        if compiled:
-            # Each bucket is one more cache entry on the same code object.
-            n_graphs = len(buckets.batch_sizes) * (len(buckets.prefill_lens) + 1)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs + 2)
-            compile_ = lambda fn: torch.compile(fn, fullgraph=True, dynamic=False, options=self.inductor_options)
-            self._prefill, self._decode = compile_(model.prefill), compile_(model.decode)
-        else:
-            self._prefill, self._decode = model.prefill, model.decode
 
     @property
     def device(self) -> torch.device:
@@ -91,9 +87,10 @@ class GraphRunner:
             return fn(*args)
         if self.compiled:
             _log(f"compiling {key[0]} graph for batch {key[1]}" + (f", length {key[2]}" if len(key) > 2 else "")
-                 + f" (inductor options {self.inductor_options})")
+                 + f" ({self.description})")
         start = time.perf_counter()
-        out = fn(*args)
+        with self.graph_cache.compiling() if self.graph_cache else contextlib.nullcontext():
+            out = fn(*args)
         self.first_call_seconds[key] = time.perf_counter() - start
         if self.compiled:
             _log(f"  ... {self.first_call_seconds[key]:.1f} s")
@@ -142,3 +139,15 @@ class GraphRunner:
                     # idle rows write only at the scratch position
                     self.decode(torch.zeros(B, 1, dtype=torch.long, device=dev),
                                 torch.full((B,), scratch_pos, dtype=torch.long, device=dev))
+
+
+def compile_entry_points(module: torch.nn.Module, backend: str, options: dict, buckets: Buckets):
+    """torch.compile the module's prefill and decode: fullgraph (a graph break is an error, so no
+    host sync can hide inside), static shapes (one graph per bucket)."""
+    # Every bucket is one more cache entry on the same code object; allow them all.
+    n_graphs = len(buckets.batch_sizes) * (len(buckets.prefill_lens) + 1)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs + 2)
+    if backend == "inductor":
+        return tuple(torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+                     for fn in (module.prefill, module.decode))
+    raise ValueError(f"unknown compile backend {backend!r}")

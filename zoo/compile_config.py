@@ -1,0 +1,183 @@
+"""Compile configs: how a model family is compiled on a device, as a validated TOML file.
+
+One file per family x device ships in zoo/compile_configs/ (llama.cpu.toml, qwen.cuda.toml, ...);
+`zoo.load(compile_config=FILE)` / `--compile-config FILE` use another. The format:
+
+    backend = "inductor"            # inductor (cpu, cuda) | torchair (npu)
+    mode = "default"                # inductor: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    graph_cache = true              # keep compiled graphs on disk (zoo.graph_cache)
+
+    [buckets]                       # optional; cut at / extended to max_batch_size and max_seq_len
+    batch_sizes = [1, 2, 4, 8]
+    prefill_lens = [32, 64, 128, 256, 512, 1024, 2048]
+
+    [inductor]                      # torch._inductor.config options, for every dtype
+    cpp_wrapper = true
+    [inductor.bfloat16]             # merged on top when the model runs in bfloat16 (or float16 / float32)
+    freezing = true
+
+    [torchair]                      # backend = "torchair": see docs/npu.md
+    mode = "max-autotune"
+    frozen_parameter = true
+
+Any unknown key or wrong value raises CompileConfigError naming the key and the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+import torch
+
+from zoo.graphs import Buckets
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "compile_configs")
+BACKENDS = ("inductor", "torchair")
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torchair options zoo maps onto a CompilerConfig (zoo.backends.npu does the mapping) and their types
+TORCHAIR_OPTIONS = {
+    "mode": str,
+    "frozen_parameter": bool,
+    "tiling_schedule_optimize": bool,
+    "keep_inference_input_mutations": bool,
+    "static_kernel_compile": bool,
+}
+_TOP_LEVEL = {"backend", "mode", "graph_cache", "buckets", "inductor", "torchair"}
+# file-name stem per model family
+_FAMILY_FILES = {"llama": "llama", "qwen2": "qwen"}
+
+
+class CompileConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    source: str
+    backend: str = "inductor"
+    mode: str = "default"
+    graph_cache: bool = True
+    batch_sizes: tuple[int, ...] | None = None
+    prefill_lens: tuple[int, ...] | None = None
+    inductor: dict = field(default_factory=dict)  # for every dtype
+    inductor_by_dtype: dict = field(default_factory=dict)  # dtype name -> options on top
+    torchair: dict = field(default_factory=dict)
+
+    def inductor_options(self, dtype: torch.dtype) -> dict:
+        """What torch.compile(options=...) gets: the mode's options, then ours, then the dtype's."""
+        options = {} if self.mode == "default" else dict(torch._inductor.list_mode_options(self.mode))
+        options.update(self.inductor)
+        for name, dt in DTYPE_NAMES.items():
+            if dt == dtype:
+                options.update(self.inductor_by_dtype.get(name, {}))
+        return options
+
+    def buckets(self, max_batch_size: int, max_seq_len: int) -> Buckets:
+        default = Buckets.default(max_batch_size, max_seq_len)
+        return Buckets(_fit(self.batch_sizes, max_batch_size) or default.batch_sizes,
+                       _fit(self.prefill_lens, max_seq_len) or default.prefill_lens)
+
+    def fingerprint(self) -> dict:
+        """The parts that change compiled code (not the file path), for the graph-cache key."""
+        return {"backend": self.backend, "mode": self.mode, "inductor": self.inductor,
+                "inductor_by_dtype": self.inductor_by_dtype, "torchair": self.torchair}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _fit(sizes: tuple[int, ...] | None, limit: int) -> tuple[int, ...] | None:
+    """Bucket sizes below `limit`, then `limit` itself: buckets must reach the configured maximum."""
+    if sizes is None:
+        return None
+    return tuple([s for s in sizes if s < limit] + [limit])
+
+
+def default_config_path(family: str, device_type: str) -> str:
+    return os.path.join(CONFIG_DIR, f"{_FAMILY_FILES.get(family, family)}.{device_type}.toml")
+
+
+def load_compile_config(path: str) -> CompileConfig:
+    if not os.path.isfile(path):
+        raise CompileConfigError(f"compile config not found: {path!r}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise CompileConfigError(f"{path}: not valid TOML ({e})") from None
+    return parse_compile_config(raw, path)
+
+
+def parse_compile_config(raw: dict, source: str) -> CompileConfig:
+    def fail(key: str, problem: str):
+        raise CompileConfigError(f"{source}: key {key!r} {problem}")
+
+    for key in raw:
+        if key not in _TOP_LEVEL:
+            fail(key, f"is not a compile-config key (known: {', '.join(sorted(_TOP_LEVEL))})")
+    backend = raw.get("backend", "inductor")
+    if backend not in BACKENDS:
+        fail("backend", f"must be one of {BACKENDS}, got {backend!r}")
+    mode = raw.get("mode", "default")
+    if backend == "inductor" and mode not in INDUCTOR_MODES:
+        fail("mode", f"must be one of {INDUCTOR_MODES} for the inductor backend, got {mode!r}")
+    graph_cache = raw.get("graph_cache", True)
+    if not isinstance(graph_cache, bool):
+        fail("graph_cache", f"must be true or false, got {graph_cache!r}")
+
+    buckets = raw.get("buckets", {})
+    if not isinstance(buckets, dict):
+        fail("buckets", "must be a table")
+    sizes = {}
+    for key, values in buckets.items():
+        if key not in ("batch_sizes", "prefill_lens"):
+            fail(f"buckets.{key}", "is not a bucket key (known: batch_sizes, prefill_lens)")
+        if (not isinstance(values, list) or not values or any(type(v) is not int or v < 1 for v in values)
+                or values != sorted(set(values))):
+            fail(f"buckets.{key}", f"must be a non-empty increasing list of positive ints, got {values!r}")
+        sizes[key] = tuple(values)
+
+    inductor, by_dtype = _parse_inductor(raw.get("inductor", {}), fail)
+    torchair = raw.get("torchair", {})
+    if not isinstance(torchair, dict):
+        fail("torchair", "must be a table")
+    for key, value in torchair.items():
+        if key not in TORCHAIR_OPTIONS:
+            fail(f"torchair.{key}", f"is not a supported torchair option (known: {', '.join(TORCHAIR_OPTIONS)})")
+        if not isinstance(value, TORCHAIR_OPTIONS[key]):
+            fail(f"torchair.{key}", f"must be a {TORCHAIR_OPTIONS[key].__name__}, got {value!r}")
+    if backend == "torchair" and torchair.get("mode", "max-autotune") not in ("max-autotune", "reduce-overhead", "npugraph_ex"):
+        fail("torchair.mode", f"must be max-autotune, reduce-overhead or npugraph_ex, got {torchair['mode']!r}")
+
+    return CompileConfig(source, backend, mode, graph_cache, sizes.get("batch_sizes"), sizes.get("prefill_lens"),
+                         inductor, by_dtype, torchair)
+
+
+def _parse_inductor(table, fail) -> tuple[dict, dict]:
+    if not isinstance(table, dict):
+        fail("inductor", "must be a table")
+    known = set(torch._inductor.list_options())
+    common, by_dtype = {}, {}
+    for key, value in table.items():
+        if key in DTYPE_NAMES:
+            if not isinstance(value, dict):
+                fail(f"inductor.{key}", "must be a table of inductor options")
+            for sub, sub_value in value.items():
+                _check_inductor_option(f"inductor.{key}.{sub}", sub, sub_value, known, fail)
+            by_dtype[key] = dict(value)
+        else:
+            _check_inductor_option(f"inductor.{key}", key, value, known, fail)
+            common[key] = value
+    return common, by_dtype
+
+
+def _check_inductor_option(path: str, key: str, value, known: set, fail) -> None:
+    if key not in known:
+        fail(path, "is not a torch._inductor.config option")
+    current = getattr(torch._inductor.config, key, None) if "." not in key else None
+    if isinstance(current, bool) and not isinstance(value, bool):
+        fail(path, f"must be true or false, got {value!r}")

@@ -1,0 +1,170 @@
+"""Compiled graphs kept on disk, one directory per cache key.
+
+The key covers everything that changes compiled code: a hash of the modeling source (every class
+in the model's MRO and the shared layers — an edit to the forward gives a new key, unlike
+torchair's cache_compile, whose key ignores forward code), the compile config, dtype, buckets, KV
+cache geometry, model config, device, and the torch / Python / zoo versions.
+
+The directory is inductor's cache dir (TORCHINDUCTOR_CACHE_DIR) while zoo compiles into it.
+Inductor's FX-graph and AOTAutograd caches then turn the next process's compile into a cache
+load. After each compile, zoo writes a manifest with the size and sha256 of every file in the
+directory. On open, it re-checks the manifest. A missing manifest (an interrupted compile, a
+foreign directory), other key fields, a missing, changed or truncated file, or an unexpected file
+all mean the directory is wiped and rebuilt. A damaged entry costs one cold compile; it never
+crashes the load or feeds inductor bytes zoo did not write.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import json
+import os
+import platform
+import shutil
+import sys
+
+import torch
+
+import zoo
+import zoo.layers
+
+MANIFEST = "zoo-manifest.json"
+FORMAT_VERSION = 1
+_SKIP_DIRS = {"locks"}  # inductor's lock files come and go
+
+
+def _log(msg: str) -> None:
+    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
+
+
+def modeling_source_hash(module: torch.nn.Module) -> str:
+    """sha256 over the source files of the model's classes and of zoo.layers (the forward code)."""
+    files = set()
+    for cls in type(module).__mro__:
+        source = inspect.getsourcefile(cls) if cls.__module__ not in ("builtins",) else None
+        if source and not cls.__module__.startswith("torch"):
+            files.add(os.path.realpath(source))
+    layers_dir = os.path.dirname(zoo.layers.__file__)
+    files.update(os.path.join(layers_dir, f) for f in os.listdir(layers_dir) if f.endswith(".py"))
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def cache_key_fields(module, compile_fingerprint: dict, dtype: torch.dtype, buckets, cache_shape: tuple,
+                     device: torch.device) -> dict:
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {
+        "format": FORMAT_VERSION,
+        "modeling_source": modeling_source_hash(module),
+        "model_config": hashlib.sha256(json.dumps(module.config.raw, sort_keys=True).encode()).hexdigest(),
+        "compile_config": compile_fingerprint,
+        "dtype": str(dtype),
+        "buckets": {"batch_sizes": list(buckets.batch_sizes), "prefill_lens": list(buckets.prefill_lens)},
+        "kv_cache_shape": list(cache_shape),
+        "device": f"{device.type}:{device_name}",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "zoo": zoo.__version__,
+    }
+
+
+class GraphCache:
+    def __init__(self, root: str, fields: dict):
+        self.fields = fields
+        self.key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+        self.dir = os.path.join(root, "graphs", self.key)
+        os.makedirs(os.path.dirname(self.dir), exist_ok=True)
+        self._lock_path = self.dir + ".lock"
+        with self._locked():
+            self.status = self._open()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive lock per key: a second process waits for the first one's compile, then hits."""
+        with open(self._lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _open(self) -> str:
+        if not os.path.isdir(self.dir):
+            os.makedirs(self.dir)
+            return "cold"
+        problem = self.verify()
+        if problem is None:
+            return "warm"
+        _log(f"graph cache {self.dir}: {problem}; rebuilding it")
+        shutil.rmtree(self.dir)
+        os.makedirs(self.dir)
+        return f"rebuilt ({problem})"
+
+    def _files(self) -> list[str]:
+        found = []
+        for root, dirs, files in os.walk(self.dir):
+            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+            found += [os.path.relpath(os.path.join(root, f), self.dir) for f in files if f != MANIFEST]
+        return sorted(found)
+
+    def verify(self) -> str | None:
+        """None when the directory is exactly what zoo sealed for this key, else what is wrong."""
+        path = os.path.join(self.dir, MANIFEST)
+        if not os.path.isfile(path):
+            return "no manifest (an interrupted compile or a foreign directory)"
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            recorded = manifest["files"]
+            fields = manifest["fields"]
+        except (ValueError, KeyError, TypeError):
+            return "unreadable manifest"
+        if fields != self.fields:
+            return "the manifest belongs to another key"
+        for rel in self._files():
+            if rel not in recorded:
+                return f"unexpected file {rel}"
+        for rel, (size, sha) in recorded.items():
+            file = os.path.join(self.dir, rel)
+            if not os.path.isfile(file):
+                return f"missing file {rel}"
+            if os.path.getsize(file) != size or _sha256(file) != sha:
+                return f"file {rel} does not match its checksum"
+        return None
+
+    def seal(self) -> None:
+        """Record every file now in the directory (called after each compile)."""
+        files = {rel: [os.path.getsize(os.path.join(self.dir, rel)), _sha256(os.path.join(self.dir, rel))]
+                 for rel in self._files()}
+        tmp = os.path.join(self.dir, MANIFEST + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"fields": self.fields, "files": files}, f, indent=1, sort_keys=True)
+        os.replace(tmp, os.path.join(self.dir, MANIFEST))  # atomic: never a half-written manifest
+
+    @contextlib.contextmanager
+    def compiling(self):
+        """Compile into this directory (as inductor's cache dir), under the key's lock; seal after."""
+        with self._locked():
+            previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.dir
+            try:
+                yield
+                self.seal()
+            finally:
+                if previous is None:
+                    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+                else:
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
