@@ -110,18 +110,31 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
 
 def _compiled_runner(module, cache, buckets, compile_config: CompileConfig, inductor_overrides, dtype, device,
                      cache_dir: str) -> GraphRunner:
-    if compile_config.backend == "inductor":
+    backend = compile_config.backend
+    if (backend == "torchair") != (device.type == "npu"):
+        raise ValueError(f"{compile_config.source}: backend {backend!r} does not run on device {device.type!r} "
+                         "(torchair is for npu, inductor for cpu/cuda)")
+    if backend == "inductor":
         options = {**compile_config.inductor_options(dtype), **(inductor_overrides or {})}
         fingerprint = {"backend": "inductor", "options": options}
         description = f"inductor, options {options}"
     else:
-        raise ValueError(f"{compile_config.source}: backend {compile_config.backend!r} is not available "
-                         f"on device {device.type!r}")
-    prefill, decode = compile_entry_points(module, compile_config.backend, options, buckets)
+        from zoo.backends import npu
+
+        torch_npu, _ = npu.import_npu()
+        options = compile_config.torchair
+        module.set_attention_ops(npu.NpuAttentionOps(torch_npu))  # fused FA / IFA and scatter_update_
+        fingerprint = {"backend": "torchair", "options": options, "torch_npu": torch_npu.__version__}
+        description = f"torchair, options {options}"
     graph_cache = None
     if compile_config.graph_cache:
         fields = cache_key_fields(module, fingerprint, dtype, buckets, tuple(cache.k[0].shape), device)
         graph_cache = GraphCache(cache_dir, fields)
+    if backend == "torchair" and graph_cache is not None:
+        # torchair.inference.cache_compile keeps its own files, inside zoo's keyed directory
+        prefill, decode = npu.cache_compiled_methods(module, options, os.path.join(graph_cache.dir, "torchair"))
+    else:
+        prefill, decode = compile_entry_points(module, backend, options, buckets)
     return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache)
 
 

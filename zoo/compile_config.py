@@ -16,7 +16,7 @@ One file per family x device ships in zoo/compile_configs/ (llama.cpu.toml, qwen
     [inductor.bfloat16]             # merged on top when the model runs in bfloat16 (or float16 / float32)
     freezing = true
 
-    [torchair]                      # backend = "torchair": see docs/npu.md
+    [torchair]                      # backend = "torchair": options in zoo.backends.npu.TORCHAIR_OPTIONS, docs/npu.md
     mode = "max-autotune"
     frozen_parameter = true
 
@@ -32,20 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zoo.backends.npu import validate_options as validate_torchair_options
 from zoo.graphs import Buckets
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "compile_configs")
 BACKENDS = ("inductor", "torchair")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# torchair options zoo maps onto a CompilerConfig (zoo.backends.npu does the mapping) and their types
-TORCHAIR_OPTIONS = {
-    "mode": str,
-    "frozen_parameter": bool,
-    "tiling_schedule_optimize": bool,
-    "keep_inference_input_mutations": bool,
-    "static_kernel_compile": bool,
-}
 _TOP_LEVEL = {"backend", "mode", "graph_cache", "buckets", "inductor", "torchair"}
 # file-name stem per model family
 _FAMILY_FILES = {"llama": "llama", "qwen2": "qwen"}
@@ -145,13 +138,10 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
     torchair = raw.get("torchair", {})
     if not isinstance(torchair, dict):
         fail("torchair", "must be a table")
-    for key, value in torchair.items():
-        if key not in TORCHAIR_OPTIONS:
-            fail(f"torchair.{key}", f"is not a supported torchair option (known: {', '.join(TORCHAIR_OPTIONS)})")
-        if not isinstance(value, TORCHAIR_OPTIONS[key]):
-            fail(f"torchair.{key}", f"must be a {TORCHAIR_OPTIONS[key].__name__}, got {value!r}")
-    if backend == "torchair" and torchair.get("mode", "max-autotune") not in ("max-autotune", "reduce-overhead", "npugraph_ex"):
-        fail("torchair.mode", f"must be max-autotune, reduce-overhead or npugraph_ex, got {torchair['mode']!r}")
+    try:
+        torchair = validate_torchair_options(torchair)  # one option table, shared with the NPU backend
+    except ValueError as e:
+        raise CompileConfigError(f"{source}: [torchair] {e}") from None
 
     return CompileConfig(source, backend, mode, graph_cache, sizes.get("batch_sizes"), sizes.get("prefill_lens"),
                          inductor, by_dtype, torchair)

@@ -28,14 +28,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 def _import_torch_npu() -> None:
-    try:
-        import torch_npu  # noqa: F401  (registers the npu device with torch)
-    except (ImportError, RuntimeError) as e:
-        raise DeviceError(
-            "device 'npu' needs torch_npu (pip install torch-npu==" + torch.__version__.split("+")[0] +
-            ", pinned to the installed torch) and the Ascend CANN toolkit (source set_env.sh); "
-            f"importing torch_npu failed: {e}"
-        ) from None
+    from zoo.backends.npu import import_npu  # its DeviceError says what to install
+
+    import_npu()
 
 
 def default_dtype(device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:

@@ -150,4 +150,10 @@ def compile_entry_points(module: torch.nn.Module, backend: str, options: dict, b
     if backend == "inductor":
         return tuple(torch.compile(fn, fullgraph=True, dynamic=False, options=options)
                      for fn in (module.prefill, module.decode))
+    if backend == "torchair":
+        from zoo.backends.npu import npu_backend
+
+        compiler = npu_backend(options)  # torchair.get_npu_backend(compiler_config=...)
+        return tuple(torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler)
+                     for fn in (module.prefill, module.decode))
     raise ValueError(f"unknown compile backend {backend!r}")

@@ -1,0 +1,82 @@
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zoo
+from zoo.compile_config import CONFIG_DIR, CompileConfigError, default_config_path, load_compile_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_shipped_config_is_valid():
+    files = sorted(os.path.basename(f) for f in glob.glob(os.path.join(CONFIG_DIR, "*.toml")))
+    assert files == [f"{fam}.{dev}.toml" for fam in ("llama", "qwen") for dev in ("cpu", "cuda", "npu")]
+    for f in files:
+        load_compile_config(os.path.join(CONFIG_DIR, f))
+
+
+def test_cpu_defaults_and_dtype_specific_options():
+    cpu = load_compile_config(default_config_path("qwen2", "cpu"))
+    assert cpu.backend == "inductor"
+    assert cpu.inductor_options(torch.float32) == {"cpp_wrapper": True}
+    assert cpu.inductor_options(torch.bfloat16) == {"cpp_wrapper": True, "freezing": True}
+    cuda = load_compile_config(default_config_path("llama", "cuda"))
+    assert cuda.inductor_options(torch.float32)["triton.cudagraphs"] is True  # reduce-overhead = CUDA graphs
+    npu = load_compile_config(default_config_path("llama", "npu"))
+    assert npu.backend == "torchair" and npu.torchair["frozen_parameter"] is True
+
+
+def test_buckets_are_cut_at_and_extended_to_the_maxima(tmp_path):
+    c = load_compile_config(write(tmp_path, "[buckets]\nbatch_sizes = [1, 4, 16]\nprefill_lens = [64, 128]\n"))
+    b = c.buckets(max_batch_size=8, max_seq_len=100)
+    assert (b.batch_sizes, b.prefill_lens) == ((1, 4, 8), (64, 100))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("backend = 'inductor'\nspeed = 'max'\n", r"key 'speed' is not a compile-config key"),
+    ("backend = 'tvm'\n", r"key 'backend' must be one of"),
+    ("mode = 'fast'\n", r"key 'mode' must be one of"),
+    ("[inductor]\nnot_an_option = 1\n", r"key 'inductor.not_an_option' is not a torch._inductor.config option"),
+    ("[inductor]\ncpp_wrapper = 'yes'\n", r"key 'inductor.cpp_wrapper' must be true or false"),
+    ("[inductor.bfloat16]\nfreezin = true\n", r"key 'inductor.bfloat16.freezin' is not a torch._inductor.config option"),
+    ("[buckets]\nbatch_sizes = [4, 2]\n", r"key 'buckets.batch_sizes' must be a non-empty increasing list"),
+    ("[buckets]\nseq = [4]\n", r"key 'buckets.seq' is not a bucket key"),
+    ("[torchair]\nfrozen = true\n", r"\[torchair\] unknown torchair option 'frozen'"),
+    ("[torchair]\nfrozen_parameter = 1\n", r"\[torchair\] torchair option 'frozen_parameter' must be bool"),
+    ("[torchair]\nmode = 'max-autotune'\nstatic_kernel_compile = true\n", r"only takes effect with mode"),
+    ("graph_cache = 'yes'\n", r"key 'graph_cache' must be true or false"),
+    ("backend = \n", r"not valid TOML"),
+])
+def test_bad_configs_name_the_key_and_the_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(CompileConfigError, match=message) as err:
+        load_compile_config(path)
+    assert path in str(err.value)
+
+
+def test_load_uses_the_given_config(checkpoint, tmp_path):
+    path = write(tmp_path, "[buckets]\nbatch_sizes = [1]\nprefill_lens = [16]\n[inductor]\ncpp_wrapper = false\n")
+    model = zoo.load(checkpoint("llama2"), compile_config=path, max_batch_size=2, max_seq_len=32)
+    buckets = model.engine.runner.buckets
+    assert (buckets.batch_sizes, buckets.prefill_lens) == ((1, 2), (16, 32))
+
+
+def test_cli_rejects_a_bad_config(tmp_path):
+    path = write(tmp_path, "[inductor]\nbogus = 1\n")
+    run = subprocess.run([sys.executable, "-m", "zoo.llama.infer", "--compiled", "--compile-config", path],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "key 'inductor.bogus'" in run.stderr and path in run.stderr
+
+
+def test_a_backend_on_the_wrong_device_is_refused(checkpoint):
+    npu_config = default_config_path("llama", "npu")
+    with pytest.raises(ValueError, match=r"backend 'torchair' does not run on device 'cpu'"):
+        zoo.load(checkpoint("llama2"), compiled=True, compile_config=npu_config)

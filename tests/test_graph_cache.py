@@ -1,0 +1,152 @@
+"""The on-disk graph cache: what its key covers, damage detection, and a warm second process."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from zoo.config import ModelConfig
+from zoo.graph_cache import MANIFEST, GraphCache, cache_key_fields, modeling_source_hash
+from zoo.graphs import Buckets
+from zoo.llama.modeling_llama import LlamaForCausalLM
+from zoo.qwen.modeling_qwen import Qwen2ForCausalLM
+
+FIELDS = {"example": 1}
+
+
+class EditedLlama(LlamaForCausalLM):
+    """Stands for an edit to the forward code: same weights, same config, different source."""
+
+    def decode(self, input_ids, positions, k_caches, v_caches):
+        return super().decode(input_ids, positions, k_caches, v_caches) * 1.0
+
+
+def _module(cls, checkpoint, kind="llama2"):
+    config = ModelConfig.from_dir(checkpoint(kind))
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _key(module, fingerprint=None, dtype=torch.float32, buckets=Buckets((1,), (32,)), shape=(2, 4, 33, 16)):
+    fields = cache_key_fields(module, fingerprint or {"options": {"cpp_wrapper": True}}, dtype, buckets, shape,
+                              torch.device("cpu"))
+    return json.dumps(fields, sort_keys=True)
+
+
+def test_key_changes_with_everything_that_changes_compiled_code(checkpoint):
+    llama = _module(LlamaForCausalLM, checkpoint)
+    base = _key(llama)
+    assert _key(_module(LlamaForCausalLM, checkpoint)) == base  # deterministic
+    assert _key(_module(EditedLlama, checkpoint)) != base  # modeling source
+    assert modeling_source_hash(_module(EditedLlama, checkpoint)) != modeling_source_hash(llama)
+    assert _key(llama, fingerprint={"options": {"cpp_wrapper": False}}) != base  # compile config
+    assert _key(llama, dtype=torch.bfloat16) != base
+    assert _key(llama, buckets=Buckets((1, 2), (32,))) != base
+    assert _key(llama, shape=(3, 4, 33, 16)) != base  # KV-cache geometry
+    assert _key(_module(LlamaForCausalLM, checkpoint, "llama3_gqa")) != base  # model config
+    assert _key(_module(Qwen2ForCausalLM, checkpoint, "qwen2")) != _key(_module(LlamaForCausalLM, checkpoint, "qwen2"))
+
+
+def _sealed_cache(tmp_path):
+    cache = GraphCache(str(tmp_path), FIELDS)
+    assert cache.status == "cold"
+    with cache.compiling():  # stands for a compile writing into inductor's cache dir
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache.dir
+        os.makedirs(os.path.join(cache.dir, "fxgraph", "ab"))
+        with open(os.path.join(cache.dir, "fxgraph", "ab", "entry"), "wb") as f:
+            f.write(b"compiled graph bytes" * 100)
+        with open(os.path.join(cache.dir, "kernel.so"), "wb") as f:
+            f.write(b"\x7fELF" + b"\0" * 1000)
+    assert GraphCache(str(tmp_path), FIELDS).status == "warm"
+    return cache
+
+
+def _damage_truncate(cache):
+    with open(os.path.join(cache.dir, "kernel.so"), "r+b") as f:
+        f.truncate(10)
+
+
+def _damage_flip(cache):
+    path = os.path.join(cache.dir, "fxgraph", "ab", "entry")
+    data = bytearray(open(path, "rb").read())
+    data[5] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def _damage_extra(cache):
+    open(os.path.join(cache.dir, "stray.py"), "w").write("print('not ours')")
+
+
+def _damage_manifest(cache):
+    os.remove(os.path.join(cache.dir, MANIFEST))
+
+
+def _damage_foreign(cache):
+    path = os.path.join(cache.dir, MANIFEST)
+    manifest = json.load(open(path))
+    manifest["fields"] = {"example": 2}
+    json.dump(manifest, open(path, "w"))
+
+
+def _damage_garbage_manifest(cache):
+    open(os.path.join(cache.dir, MANIFEST), "w").write("{truncated")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_damage_truncate, "kernel.so does not match its checksum"),
+    (_damage_flip, "fxgraph/ab/entry does not match its checksum"),
+    (_damage_extra, "unexpected file stray.py"),
+    (_damage_manifest, "no manifest"),
+    (_damage_foreign, "belongs to another key"),
+    (_damage_garbage_manifest, "unreadable manifest"),
+])
+def test_damaged_entries_are_detected_and_rebuilt(tmp_path, damage, reason):
+    damage(_sealed_cache(tmp_path))
+    reopened = GraphCache(str(tmp_path), FIELDS)
+    assert reopened.status.startswith("rebuilt") and reason in reopened.status
+    assert os.listdir(reopened.dir) == []  # wiped: the next compile starts clean
+
+
+PROCESS = textwrap.dedent("""
+    import json, sys, time
+    import zoo
+    start = time.perf_counter()
+    model = zoo.load(compiled=True, max_batch_size=1, max_seq_len=64, cache_dir=sys.argv[1])
+    out = model.generate("Beautiful is", max_new_tokens=8)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "status": model.engine.runner.graph_cache.status,
+                      "tokens": out.token_ids, "dir": model.engine.runner.graph_cache.dir}))
+""")
+
+
+def _process(root):
+    run = subprocess.run([sys.executable, "-c", PROCESS, root], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.compiled
+def test_second_process_starts_warm_at_least_5x_faster_and_survives_corruption(tmp_path):
+    import zoo
+
+    expected = zoo.load(max_batch_size=1, max_seq_len=64).generate("Beautiful is", max_new_tokens=8).token_ids
+    root = str(tmp_path / "cache")
+    cold = _process(root)
+    warm = [_process(root), _process(root)]
+    assert cold["status"] == "cold" and {w["status"] for w in warm} == {"warm"}
+    assert cold["tokens"] == expected and all(w["tokens"] == expected for w in warm)
+    best_warm = min(w["seconds"] for w in warm)
+    ratio = cold["seconds"] / best_warm
+    print(f"load-to-first-token: cold {cold['seconds']:.2f} s, warm {best_warm:.2f} s, ratio {ratio:.1f}x")
+    assert ratio >= 5, f"cold {cold['seconds']:.2f} s vs warm {best_warm:.2f} s: only {ratio:.1f}x"
+
+    # truncate one compiled artifact: the next process detects it, rebuilds, and still answers right
+    sos = [os.path.join(d, f) for d, _, fs in os.walk(cold["dir"]) for f in fs if f.endswith(".so")]
+    with open(sos[0], "r+b") as f:
+        f.truncate(64)
+    rebuilt = _process(root)
+    assert rebuilt["status"].startswith("rebuilt") and "does not match its checksum" in rebuilt["status"]
+    assert rebuilt["tokens"] == expected

@@ -1,0 +1,380 @@
+"""Ahead-of-time export of the prefill / decode graphs with AOTInductor.
+
+`export_graphs` turns each bucket's entry point into a self-contained AOTInductor package (.pt2:
+generated C++ compiled to a shared library) and writes a manifest.json next to them.
+`ExportedGraphs.load` gives back callables with the signatures of `module.prefill` /
+`module.decode`, without tracing or compiling anything.
+
+Weights are not in the packages. They are exported with `aot_inductor.package_constants_in_so=False`
+(and no on-disk copy), so a package holds only code; its runtime then allocates no constant blob.
+At load time every bucket's runner is handed the tensors the module already holds, through
+`load_constants(..., user_managed=True)`, which stores the tensor pointers as they are: all
+buckets share the module's one copy of the weights, and in-place updates to them are seen.
+
+The KV caches are graph inputs that the graphs write in place (index_put_), exactly as in eager.
+
+Layout of an export folder:
+  manifest.json             versions, config hash, dtype, cache geometry, buckets, graph files
+  prefill_b{B}_s{S}.pt2     one per (batch bucket B, prompt-length bucket S)
+  decode_b{B}.pt2           one per batch bucket B
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from zoo.device import default_cache_dir
+from zoo.kv_cache import KVCache
+
+# Inductor's build cache outside any clone (as the tests do), so re-exports and the ISA probes of a
+# later load start warm. It must be set before torch._inductor is first imported, which fixes it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "inductor"))
+import torch._inductor  # noqa: E402
+
+if TYPE_CHECKING:
+    from zoo.api import Model
+
+FORMAT = "zoo-aoti"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Weights stay out of the shared library; freezing is off because it would fold weights into new
+# constants the module does not have (so they could not be fed from the module at load time).
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "freezing": False}
+
+
+def _log(msg: str) -> None:
+    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the modules torch.export traces --------------------------------------------------------
+class _PrefillGraph(nn.Module):
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, lengths, slot_ids, k_caches, v_caches):
+        return self.lm.prefill(input_ids, lengths, slot_ids, k_caches, v_caches)
+
+
+class _DecodeGraph(nn.Module):
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, positions, k_caches, v_caches):
+        return self.lm.decode(input_ids, positions, k_caches, v_caches)
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under the FQN the exported graphs know it by ("lm." + name).
+    Tied weights appear under each of their names (export keeps only one of them)."""
+    wrapper = _DecodeGraph(module)  # both wrappers name the module "lm"
+    tensors = dict(wrapper.named_parameters(remove_duplicate=False))
+    tensors.update(wrapper.named_buffers(remove_duplicate=False))
+    return {name: t.detach() for name, t in tensors.items()}
+
+
+# ---- what a manifest must agree with --------------------------------------------------------
+def config_hash(raw_config: dict) -> str:
+    """sha256 of config.json's contents in canonical JSON (key order and whitespace ignored)."""
+    canonical = json.dumps(raw_config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def cache_geometry(cache: KVCache) -> dict[str, int]:
+    num_slots_plus_1, kv_heads, positions_plus_1, head_dim = cache.k[0].shape
+    return {"num_slots": cache.num_slots, "max_seq_len": cache.max_seq_len, "num_layers": len(cache.k),
+            "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def _identity(module: nn.Module, cache: KVCache) -> dict:
+    """The manifest fields a module + cache must match for the graphs to be valid for them."""
+    config = module.config
+    return {
+        "torch_version": torch.__version__,
+        "family": config.family,
+        "architecture": config.architecture,
+        "config_sha256": config_hash(config.raw),
+        "dtype": _dtype_name(_module_dtype(module)),
+        "device": cache.k[0].device.type,
+        "cache": cache_geometry(cache),
+    }
+
+
+# ---- export -----------------------------------------------------------------------------------
+def _prefill_inputs(cache: KVCache, B: int, S: int) -> tuple:
+    """Example inputs whose writes land in the scratch slot only (export does not run them anyway)."""
+    dev = cache.k[0].device
+    return (torch.zeros(B, S, dtype=torch.long, device=dev),  # input_ids [B, S]
+            torch.ones(B, dtype=torch.long, device=dev),  # lengths [B]
+            torch.full((B,), cache.scratch_slot, dtype=torch.long, device=dev),  # slot_ids [B]
+            cache.k, cache.v)
+
+
+def _decode_inputs(cache: KVCache, B: int) -> tuple:
+    dev = cache.k[0].device
+    return (torch.zeros(B, 1, dtype=torch.long, device=dev),  # input_ids [B, 1]
+            torch.full((B,), cache.scratch_position, dtype=torch.long, device=dev),  # positions [B]
+            cache.k, cache.v)
+
+
+def _check_buckets(name: str, values, limit: int, limit_name: str) -> tuple[int, ...]:
+    values = tuple(sorted(set(int(v) for v in values)))
+    if not values or values[0] < 1:
+        raise ValueError(f"{name} must be a non-empty list of positive ints, got {list(values)}")
+    if values[-1] > limit:
+        raise ValueError(f"{name} {list(values)} go past {limit_name}={limit} of the model's KV cache")
+    return values
+
+
+def _export_one(wrapper: nn.Module, args: tuple, package_path: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """torch.export + AOTInductor for one bucket -> {constant FQN: {shape, dtype}} it reads."""
+    with torch.no_grad():
+        ep = torch.export.export(wrapper, args, strict=False)
+    sig = ep.graph_signature
+    if sig.lifted_tensor_constants or sig.buffers_to_mutate or sig.user_inputs_to_mutate:
+        # Only the module's own parameters/buffers can be fed at load time, and the caches must
+        # stay in-place writes (export keeps index_put_ on an input in place; check it did).
+        raise RuntimeError(f"unexpected exported signature for {package_path}: lifted constants "
+                           f"{sig.lifted_tensor_constants}, mutated buffers {sig.buffers_to_mutate}, "
+                           f"mutated inputs returned as outputs {sig.user_inputs_to_mutate}")
+    constants = {}
+    for fqn in list(sig.parameters) + list(sig.buffers):
+        if fqn not in tensors:
+            raise RuntimeError(f"exported graph reads {fqn!r}, which is not a parameter or buffer of the module")
+        t = tensors[fqn]
+        constants[fqn] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+    torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=INDUCTOR_CONFIGS)
+    return constants
+
+
+def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_lens: list[int]) -> str:
+    """Export the model's prefill graph for every (B in batch_sizes, S in prefill_lens) and its decode
+    graph for every B, as AOTInductor packages under out_dir, plus out_dir/manifest.json. Returns out_dir."""
+    module, cache = model.module, model.engine.cache
+    batch_sizes = _check_buckets("batch_sizes", batch_sizes, cache.num_slots, "max_batch_size")
+    prefill_lens = _check_buckets("prefill_lens", prefill_lens, cache.max_seq_len, "max_seq_len")
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # a half-rewritten folder must not look like a finished export
+
+    module.eval()
+    tensors = _module_tensors(module)
+    jobs = [("prefill", B, S) for B in batch_sizes for S in prefill_lens] + [("decode", B, None) for B in batch_sizes]
+    graphs = {"prefill": [], "decode": []}
+    constants: dict[str, dict] = {}
+    start = time.perf_counter()
+    for i, (kind, B, S) in enumerate(jobs, start=1):
+        if kind == "prefill":
+            file, wrapper, args = f"prefill_b{B}_s{S}.pt2", _PrefillGraph(module), _prefill_inputs(cache, B, S)
+        else:
+            file, wrapper, args = f"decode_b{B}.pt2", _DecodeGraph(module), _decode_inputs(cache, B)
+        what = f"{kind} graph for batch {B}" + (f", length {S}" if S else "")
+        _log(f"[{i}/{len(jobs)}] exporting {what} with AOTInductor -> {file}")
+        t0 = time.perf_counter()
+        constants.update(_export_one(wrapper, args, os.path.join(out_dir, file), tensors))
+        size = os.path.getsize(os.path.join(out_dir, file))
+        _log(f"  ... {time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB")
+        shape = {"batch_size": B} if S is None else {"batch_size": B, "prefill_len": S}
+        graphs[kind].append({**shape, "file": file, "bytes": size})
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **_identity(module, cache),
+        "buckets": {"batch_sizes": list(batch_sizes), "prefill_lens": list(prefill_lens)},
+        "graphs": graphs,
+        "constants": constants,  # what load feeds from the module: FQN -> shape, dtype
+        "inductor_configs": INDUCTOR_CONFIGS,
+    }
+    tmp = manifest_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, manifest_path)  # written last: its presence means every package is there
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
+    pkg_bytes = sum(g["bytes"] for kind in graphs.values() for g in kind)
+    _log(f"exported {len(jobs)} graphs to {out_dir} in {time.perf_counter() - start:.1f} s: "
+         f"{pkg_bytes / 2**20:.1f} MiB of packages; the {weight_bytes / 2**20:.1f} MiB of weights are not in them")
+    return out_dir
+
+
+# ---- load ---------------------------------------------------------------------------------------
+def _read_manifest(export_dir: str) -> dict:
+    if not os.path.isdir(export_dir):
+        raise FileNotFoundError(f"AOTInductor export folder not found: {export_dir!r}")
+    path = os.path.join(export_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found: {export_dir!r} is not a finished export "
+                                f"(write one with python -m zoo.export)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path!r} is corrupt: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a zoo AOTInductor manifest (format {FORMAT!r} expected)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path!r}: format_version is {manifest.get('format_version')!r}, this zoo reads "
+                         f"{FORMAT_VERSION}; re-export with python -m zoo.export")
+    missing = [k for k in ("torch_version", "architecture", "config_sha256", "dtype", "device", "cache",
+                           "buckets", "graphs", "constants") if k not in manifest]
+    if missing:
+        raise ValueError(f"{path!r} is corrupt: missing field(s) {missing}")
+    return manifest
+
+
+def _check_matches(export_dir: str, manifest: dict, actual: dict) -> None:
+    """ValueError naming the first field where the export and the given module/cache disagree."""
+    for key in ("torch_version", "architecture", "config_sha256", "dtype", "device"):
+        if manifest[key] != actual[key]:
+            raise ValueError(f"{export_dir!r} was exported with {key}={manifest[key]!r}, but the given "
+                             f"model/cache has {key}={actual[key]!r}; re-export with python -m zoo.export")
+    for key, value in actual["cache"].items():
+        if manifest["cache"].get(key) != value:
+            raise ValueError(f"{export_dir!r} was exported for a KV cache with {key}={manifest['cache'].get(key)!r}, "
+                             f"but the given cache has {key}={value!r}; re-export with python -m zoo.export")
+
+
+def _check_constants(export_dir: str, wanted: dict, tensors: dict[str, torch.Tensor], device: str) -> None:
+    # The runners read these through raw pointers (user_managed), so a wrong shape or dtype would
+    # be silent memory corruption: check every one.
+    for fqn, spec in wanted.items():
+        t = tensors.get(fqn)
+        if t is None:
+            raise ValueError(f"{export_dir!r}: the graphs read {fqn!r}, which the given module does not have")
+        if list(t.shape) != spec["shape"] or _dtype_name(t.dtype) != spec["dtype"] or t.device.type != device:
+            raise ValueError(f"{export_dir!r}: the graphs read {fqn!r} as {spec['shape']} {spec['dtype']} on "
+                             f"{device}, but the given module's is {list(t.shape)} {_dtype_name(t.dtype)} "
+                             f"on {t.device.type}")
+        if not t.is_contiguous():
+            raise ValueError(f"{export_dir!r}: the module's {fqn!r} is not contiguous")
+
+
+class ExportedGraphs:
+    """The exported graphs of one model, bound to a module's weights. `prefill` / `decode` take
+    and return what `module.prefill` / `module.decode` do, for the exported bucket shapes only."""
+
+    def __init__(self, export_dir: str, manifest: dict, prefill_runners: dict, decode_runners: dict,
+                 constants: dict[str, torch.Tensor], cache: KVCache, load_seconds: float):
+        self.export_dir, self.manifest, self.load_seconds = export_dir, manifest, load_seconds
+        self.batch_sizes: tuple[int, ...] = tuple(manifest["buckets"]["batch_sizes"])
+        self.prefill_lens: tuple[int, ...] = tuple(manifest["buckets"]["prefill_lens"])
+        self._prefill_runners = prefill_runners  # (B, S) -> AOTIModelPackageLoader
+        self._decode_runners = decode_runners  # B -> AOTIModelPackageLoader
+        # The runners hold raw pointers to these tensors (user_managed): keep them alive with us.
+        self._constants = constants
+        self._cache_shape, self._device = tuple(cache.k[0].shape), cache.k[0].device
+        self._cache_dtype = getattr(torch, manifest["dtype"])
+        self._num_layers = manifest["cache"]["num_layers"]
+        self._cache_k = self._cache_v = None
+        self._check_caches(cache.k, cache.v)  # every tensor, once ...
+        self._cache_k, self._cache_v = cache.k, cache.v  # ... then calls passing these lists skip the checks
+
+    @classmethod
+    def load(cls, export_dir: str, module: nn.Module, cache: KVCache) -> "ExportedGraphs":
+        start = time.perf_counter()
+        manifest = _read_manifest(export_dir)
+        _check_matches(export_dir, manifest, _identity(module, cache))
+        if _dtype_name(cache.k[0].dtype) != manifest["dtype"]:
+            raise ValueError(f"{export_dir!r} was exported with dtype={manifest['dtype']!r}, but the given cache "
+                             f"has dtype={_dtype_name(cache.k[0].dtype)!r}")
+        tensors = _module_tensors(module)
+        _check_constants(export_dir, manifest["constants"], tensors, manifest["device"])
+        n_layers = len(cache.k)
+
+        def open_graph(entry: dict, n_inputs: int):
+            path = os.path.join(export_dir, entry["file"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"graph package {path!r} listed in the manifest is missing")
+            try:
+                runner = torch._inductor.aoti_load_package(path)
+            except RuntimeError as e:
+                raise ValueError(f"cannot load AOTInductor package {path!r}: {e}") from None
+            fqns = runner.get_constant_fqns()
+            unknown = [f for f in fqns if f not in manifest["constants"]]
+            if unknown:
+                raise ValueError(f"{path!r} reads constants the manifest does not list: {unknown[:5]}")
+            # No copy: the runner keeps pointers to the module's own tensors.
+            runner.load_constants({f: tensors[f] for f in fqns}, check_full_update=True, user_managed=True)
+            # We call the loader with a flat list (skipping the per-call pytree work of
+            # AOTICompiledModel.__call__), so make sure the flat layout is the one we build.
+            in_spec = pytree.treespec_loads(runner.loader.get_call_spec()[0])
+            if in_spec.num_leaves != n_inputs:
+                raise ValueError(f"{path!r} takes {in_spec.num_leaves} inputs, expected {n_inputs}")
+            return runner.loader
+
+        try:
+            prefill = {(g["batch_size"], g["prefill_len"]): open_graph(g, 3 + 2 * n_layers)
+                       for g in manifest["graphs"]["prefill"]}
+            decode = {g["batch_size"]: open_graph(g, 2 + 2 * n_layers) for g in manifest["graphs"]["decode"]}
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{os.path.join(export_dir, MANIFEST)!r} is corrupt: bad graphs entry ({e!r})") from None
+        used = {fqn: tensors[fqn] for fqn in manifest["constants"]}
+        return cls(export_dir, manifest, prefill, decode, used, cache, time.perf_counter() - start)
+
+    # ---- the graph entry points -----------------------------------------------------------------
+    def prefill(self, input_ids, lengths, slot_ids, k_caches, v_caches) -> torch.Tensor:
+        """input_ids [B, S] long, lengths [B], slot_ids [B] -> logits [B, V] float32; writes k/v in place."""
+        runner = self._prefill_runners.get(tuple(input_ids.shape))
+        if runner is None:
+            raise ValueError(f"no exported prefill graph for input_ids of shape {list(input_ids.shape)}; "
+                             f"exported buckets: batch sizes {list(self.batch_sizes)} x prompt lengths "
+                             f"{list(self.prefill_lens)}")
+        self._check_inputs(input_ids.shape[0], input_ids=input_ids, lengths=lengths, slot_ids=slot_ids)
+        self._check_caches(k_caches, v_caches)
+        return runner.run([input_ids, lengths, slot_ids, *k_caches, *v_caches])[0]
+
+    def decode(self, input_ids, positions, k_caches, v_caches) -> torch.Tensor:
+        """input_ids [B, 1] long, positions [B] -> logits [B, V] float32; writes k/v in place."""
+        shape = tuple(input_ids.shape)
+        runner = self._decode_runners.get(shape[0]) if len(shape) == 2 and shape[1] == 1 else None
+        if runner is None:
+            raise ValueError(f"no exported decode graph for input_ids of shape {list(shape)}; exported "
+                             f"buckets: [B, 1] for batch sizes {list(self.batch_sizes)}")
+        self._check_inputs(shape[0], input_ids=input_ids, positions=positions)
+        self._check_caches(k_caches, v_caches)
+        return runner.run([input_ids, positions, *k_caches, *v_caches])[0]
+
+    # AOTInductor does not check its inputs (sizes, strides, dtypes and device are compiled in), so a
+    # mismatch would read or write out of bounds: check the cheap ones on every call.
+    def _check_inputs(self, B: int, **tensors: torch.Tensor) -> None:
+        for name, t in tensors.items():
+            shape_ok = name == "input_ids" or tuple(t.shape) == (B,)  # input_ids: checked by the dispatch
+            if not shape_ok or t.dtype != torch.long or t.device != self._device or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous int64 tensor on {self._device}"
+                                 + ("" if name == "input_ids" else f" of shape [{B}]")
+                                 + f", got {t.dtype} of shape {list(t.shape)} on {t.device}")
+
+    def _check_caches(self, k_caches, v_caches) -> None:
+        if k_caches is self._cache_k and v_caches is self._cache_v:
+            return  # the very lists of the cache validated at load
+        if len(k_caches) != self._num_layers or len(v_caches) != self._num_layers:
+            raise ValueError(f"expected {self._num_layers} layers of k and v caches, "
+                             f"got {len(k_caches)} and {len(v_caches)}")
+        for t in [*k_caches, *v_caches]:
+            if (tuple(t.shape) != self._cache_shape or t.dtype != self._cache_dtype or t.device != self._device
+                    or not t.is_contiguous()):
+                raise ValueError(f"KV cache tensors must be contiguous {list(self._cache_shape)} {self._cache_dtype} "
+                                 f"on {self._device}, got {list(t.shape)} {t.dtype} on {t.device}")
+
+    def __repr__(self) -> str:
+        return (f"ExportedGraphs({self.export_dir!r}, {self.manifest['architecture']} {self.manifest['dtype']}, "
+                f"batch sizes {list(self.batch_sizes)}, prompt lengths {list(self.prefill_lens)})")
