@@ -189,3 +189,20 @@ def test_cli_reports_a_bad_model_path(tmp_path, capsys):
 
     assert main(["--model-path", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_zoo_load_from_an_export_dir_generates_eager_tokens_without_compiling(exported):
+    from torch._dynamo.utils import counters
+
+    path, out = exported
+    graphs_before = counters["stats"]["unique_graphs"]
+    model = zoo.load(path, compiled=out)  # buckets, dtype and cache size come from the export
+    assert model.engine.runner.buckets == zoo.Buckets((1,), (32,)) and model.engine.cache.max_seq_len == 32
+    eager = _load(path)
+    for prompt in (PROMPT, [5, 9], list(range(1, 20))):
+        got = model.generate(prompt, max_new_tokens=12).token_ids
+        assert got == eager.generate(prompt, max_new_tokens=12).token_ids
+    assert len(model.generate([PROMPT, [5, 9]], max_new_tokens=4)) == 2  # 2 requests through 1 slot
+    assert counters["stats"]["unique_graphs"] == graphs_before  # nothing traced or compiled
+    with pytest.raises(ValueError, match=r"max_batch_size=4 was asked for, but the graphs .* max_batch_size=1"):
+        zoo.load(path, compiled=out, max_batch_size=4)

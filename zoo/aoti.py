@@ -20,6 +20,7 @@ Layout of an export folder:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,13 +32,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+import torch._inductor
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default_cache_dir
+
 from zoo.device import default_cache_dir
 from zoo.kv_cache import KVCache
-
-# Inductor's build cache outside any clone (as the tests do), so re-exports and the ISA probes of a
-# later load start warm. It must be set before torch._inductor is first imported, which fixes it.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(default_cache_dir(), "inductor"))
-import torch._inductor  # noqa: E402
 
 if TYPE_CHECKING:
     from zoo.api import Model
@@ -53,6 +52,25 @@ INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "freezing": F
 
 def _log(msg: str) -> None:
     print(f"[zoo] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _zoo_inductor_cache_dir():
+    """Inductor's builds (export) and CPU ISA probes (load, ~5 s when cold) go to zoo's cache dir,
+    outside any clone, so re-runs start warm (as in tests/conftest.py). A TORCHINDUCTOR_CACHE_DIR the
+    user chose is kept; torch's own /tmp default is not a choice (importing torch._inductor sets it)."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if previous is not None and os.path.abspath(previous) != os.path.abspath(torch_default_cache_dir()):
+        yield
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), "inductor")
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 # ---- the modules torch.export traces --------------------------------------------------------
@@ -99,7 +117,7 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
 
 
 def cache_geometry(cache: KVCache) -> dict[str, int]:
-    num_slots_plus_1, kv_heads, positions_plus_1, head_dim = cache.k[0].shape
+    _, kv_heads, _, head_dim = cache.k[0].shape  # [num_slots + 1, KV, max_seq_len + 1, hd]
     return {"num_slots": cache.num_slots, "max_seq_len": cache.max_seq_len, "num_layers": len(cache.k),
             "num_kv_heads": kv_heads, "head_dim": head_dim}
 
@@ -190,7 +208,8 @@ def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_
         what = f"{kind} graph for batch {B}" + (f", length {S}" if S else "")
         _log(f"[{i}/{len(jobs)}] exporting {what} with AOTInductor -> {file}")
         t0 = time.perf_counter()
-        constants.update(_export_one(wrapper, args, os.path.join(out_dir, file), tensors))
+        with _zoo_inductor_cache_dir():
+            constants.update(_export_one(wrapper, args, os.path.join(out_dir, file), tensors))
         size = os.path.getsize(os.path.join(out_dir, file))
         _log(f"  ... {time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB")
         shape = {"batch_size": B} if S is None else {"batch_size": B, "prefill_len": S}
@@ -217,7 +236,8 @@ def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_
 
 
 # ---- load ---------------------------------------------------------------------------------------
-def _read_manifest(export_dir: str) -> dict:
+def read_manifest(export_dir: str) -> dict:
+    """The checked manifest of an export folder (e.g. to size the KV cache before loading)."""
     if not os.path.isdir(export_dir):
         raise FileNotFoundError(f"AOTInductor export folder not found: {export_dir!r}")
     path = os.path.join(export_dir, MANIFEST)
@@ -291,7 +311,7 @@ class ExportedGraphs:
     @classmethod
     def load(cls, export_dir: str, module: nn.Module, cache: KVCache) -> "ExportedGraphs":
         start = time.perf_counter()
-        manifest = _read_manifest(export_dir)
+        manifest = read_manifest(export_dir)
         _check_matches(export_dir, manifest, _identity(module, cache))
         if _dtype_name(cache.k[0].dtype) != manifest["dtype"]:
             raise ValueError(f"{export_dir!r} was exported with dtype={manifest['dtype']!r}, but the given cache "
@@ -305,7 +325,8 @@ class ExportedGraphs:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"graph package {path!r} listed in the manifest is missing")
             try:
-                runner = torch._inductor.aoti_load_package(path)
+                with _zoo_inductor_cache_dir():
+                    runner = torch._inductor.aoti_load_package(path)
             except RuntimeError as e:
                 raise ValueError(f"cannot load AOTInductor package {path!r}: {e}") from None
             fqns = runner.get_constant_fqns()

@@ -51,7 +51,7 @@ def _log(msg: str) -> None:
 
 
 def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         compiled: bool = False, max_batch_size: int = 8, max_seq_len: int | None = None,
+         compiled: bool | str = False, max_batch_size: int | None = None, max_seq_len: int | None = None,
          buckets: Buckets | None = None, compile_config: str | CompileConfig | None = None,
          inductor_options: dict | None = None, cache_dir: str | None = None, verbose: bool = False) -> "Model":
     """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer files]).
@@ -59,9 +59,12 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     model_path None -> the embedded tiny Llama. compiled=True compiles prefill and decode per
     shape bucket as the compile config says (default: zoo/compile_configs/<family>.<device>.toml),
     each bucket on first use or all at once with Model.warmup(); compiled graphs are kept in the
-    on-disk graph cache under cache_dir (default ~/.cache/zoo, or $ZOO_CACHE_DIR). max_seq_len
-    defaults to min(max_position_embeddings, 2048); the KV cache holds max_batch_size slots of
-    that length. buckets and inductor_options override the compile config's.
+    on-disk graph cache under cache_dir (default ~/.cache/zoo, or $ZOO_CACHE_DIR).
+    compiled=DIR loads the AOTInductor graphs `python -m zoo.export` wrote to DIR: no tracing, no
+    compiling; DIR also fixes the buckets, dtype, max_batch_size and max_seq_len.
+    max_batch_size defaults to 8 and max_seq_len to min(max_position_embeddings, 2048); the KV
+    cache holds max_batch_size slots of that length. buckets and inductor_options override the
+    compile config's.
     """
     t0 = time.perf_counter()
     model_path = model_path or embedded_model_path("llama")
@@ -71,7 +74,13 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype]
+    exported = _read_export(compiled, max_batch_size, max_seq_len) if isinstance(compiled, str) else None
+    if exported is not None:
+        max_batch_size, max_seq_len = exported["cache"]["num_slots"], exported["cache"]["max_seq_len"]
+        buckets = Buckets(tuple(exported["buckets"]["batch_sizes"]), tuple(exported["buckets"]["prefill_lens"]))
+        dtype = dtype or _DTYPES[exported["dtype"]]
     dtype = dtype or default_dtype(dev, config.torch_dtype)
+    max_batch_size = 8 if max_batch_size is None else max_batch_size
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
     max_seq_len = max_seq_len or min(config.max_position_embeddings, 2048)
@@ -88,7 +97,13 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     load_weights(module, model_path, dtype, dev)
     module.eval()
     cache = KVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len, config.head_dim, dtype, dev)
-    if compiled:
+    if exported is not None:
+        from zoo.aoti import ExportedGraphs
+
+        graphs = ExportedGraphs.load(compiled, module, cache)  # checks dtype, config and cache geometry
+        runner = GraphRunner(graphs.prefill, graphs.decode, cache, buckets, compiled=False,
+                             description=f"AOTInductor graphs from {compiled}")
+    elif compiled:
         runner = _compiled_runner(module, cache, buckets, compile_config, inductor_options, dtype, dev,
                                   cache_dir or default_cache_dir())
     else:
@@ -100,12 +115,25 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     model = Model(config, module, tokenizer, engine, dev, dtype, model_path)
     if verbose:
         graphs = f"compiled: {runner.description}" if compiled else "eager"
+        graphs = runner.description if exported is not None else graphs
         if runner.graph_cache is not None:
             graphs += f"; graph cache {runner.graph_cache.status} at {runner.graph_cache.dir}"
         _log(f"loaded {config.architecture} from {model_path} on {dev} ({dtype}) in "
              f"{time.perf_counter() - t0:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache "
              f"{cache.nbytes / 2**20:.1f} MiB ({max_batch_size} slots x {max_seq_len} tokens); {graphs}")
     return model
+
+
+def _read_export(export_dir: str, max_batch_size: int | None, max_seq_len: int | None) -> dict:
+    from zoo.aoti import read_manifest
+
+    manifest = read_manifest(export_dir)
+    for name, asked, exported in (("max_batch_size", max_batch_size, manifest["cache"]["num_slots"]),
+                                  ("max_seq_len", max_seq_len, manifest["cache"]["max_seq_len"])):
+        if asked is not None and asked != exported:
+            raise ValueError(f"{name}={asked} was asked for, but the graphs in {export_dir!r} were exported "
+                             f"for {name}={exported}")
+    return manifest
 
 
 def _compiled_runner(module, cache, buckets, compile_config: CompileConfig, inductor_overrides, dtype, device,

@@ -23,7 +23,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--model-path", help=f"Hugging Face checkpoint folder (default: the embedded tiny {family})")
     p.add_argument("--prompt", action="append", help=f"prompt text; repeat for a batch (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--compiled", action="store_true", help="run prefill/decode as torch.compile graphs")
+    p.add_argument("--compiled", nargs="?", const=True, default=False, metavar="EXPORT_DIR",
+                   help="run prefill/decode as compiled graphs: torch.compile'd (cached on disk), or, given "
+                        "EXPORT_DIR, the AOTInductor graphs `python -m zoo.export` wrote there")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | npu[:N]")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -31,7 +33,7 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=int, help="KV-cache slots (default 8, or the export's)")
     p.add_argument("--max-seq-len", type=int, help="KV-cache length (default: min(max_position_embeddings, 2048))")
     p.add_argument("--compile-config", metavar="FILE",
                    help="compile config TOML (default: zoo/compile_configs/<family>.<device>.toml)")

@@ -2,19 +2,13 @@
 
 Exports a model's prefill / decode graphs ahead of time with AOTInductor (see zoo.aoti), so a
 service can load them with zoo.aoti.ExportedGraphs.load without tracing or compiling. Progress
-goes to stderr; the export folder is printed on stdout when it is complete.
+goes to stderr; the export folder is printed on stdout when it is complete. Inductor builds in
+~/.cache/zoo/inductor (or $ZOO_CACHE_DIR/inductor) unless TORCHINDUCTOR_CACHE_DIR is set.
 """
 from __future__ import annotations
 
-import os
-
-# Before torch is imported: inductor's build cache lives outside the clone, so re-runs start warm.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
-    os.environ.get("ZOO_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "zoo")), "inductor"))
-os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")  # a stray torch_npu must not break import torch
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
+import argparse
+import sys
 
 
 def _int_list(text: str) -> list[int]:
@@ -38,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV-cache slots the graphs are built for (default: the largest --batch-sizes, else 8)")
     p.add_argument("--max-seq-len", type=int, help="KV-cache length the graphs are built for (default: the "
                    "largest --prefill-lens, else min(max_position_embeddings, 2048))")
-    p.add_argument("--batch-sizes", type=_int_list, help="batch buckets, e.g. 1,2,4 (default: 1, 2, 4, ... "
-                   "up to --max-batch-size)")
-    p.add_argument("--prefill-lens", type=_int_list, help="prompt-length buckets, e.g. 32,64 (default: 32, 64, ... "
-                   "up to --max-seq-len)")
+    p.add_argument("--batch-sizes", type=_int_list,
+                   help="batch buckets, e.g. 1,2,4 (default: the model's, as zoo.load picks them)")
+    p.add_argument("--prefill-lens", type=_int_list,
+                   help="prompt-length buckets, e.g. 32,64 (default: the model's, as zoo.load picks them)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--device", default="cpu", help="cpu (tested) | cuda[:N]")
     return p
@@ -54,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.aoti import export_graphs
     from zoo.config import ConfigError
     from zoo.device import DeviceError
-    from zoo.graphs import Buckets
     from zoo.loader import CheckpointError
 
     max_batch_size = args.max_batch_size or (max(args.batch_sizes) if args.batch_sizes else 8)
@@ -62,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = load(args.model_path or embedded_model_path("llama"), device=args.device, dtype=args.dtype,
                      max_batch_size=max_batch_size, max_seq_len=max_seq_len, verbose=True)
-        # The model's own buckets (powers of two up to the maxima) unless the lists were given.
-        default = Buckets.default(max_batch_size, model.engine.max_seq_len)
-        export_graphs(model, args.out, args.batch_sizes or list(default.batch_sizes),
-                      args.prefill_lens or list(default.prefill_lens))
+        # Unless the lists are given, the buckets zoo.load chose for this model (its compile config's).
+        buckets = model.engine.runner.buckets
+        export_graphs(model, args.out, args.batch_sizes or list(buckets.batch_sizes),
+                      args.prefill_lens or list(buckets.prefill_lens))
     except (FileNotFoundError, ConfigError, CheckpointError, DeviceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
