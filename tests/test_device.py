@@ -20,3 +20,11 @@ def test_npu_without_torch_npu_says_what_to_install(checkpoint):
 def test_unknown_dtype_is_named(checkpoint):
     with pytest.raises(ValueError, match=r"unknown dtype 'int4'"):
         zoo.load(checkpoint("llama2"), dtype="int4")
+
+
+def test_collective_backend_per_device():
+    import torch
+
+    from zoo.device import collective_backend
+
+    assert [collective_backend(torch.device(d)) for d in ("cpu", "cuda")] == ["gloo", "nccl"]

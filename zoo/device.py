@@ -1,4 +1,5 @@
-"""The device layer: which torch device, which compile backend and options, how to synchronise.
+"""The device layer: which torch device, its default dtype, its collective backend, how to synchronise.
+(How graphs are compiled per device is data: zoo/compile_configs/<family>.<device>.toml.)
 
 NPU support (torch_npu / torchair) is imported only when device "npu" is asked for.
 """
@@ -40,6 +41,14 @@ def default_dtype(device: torch.device, checkpoint_dtype: str | None) -> torch.d
     if device.type == "cpu" and dtype == torch.float16:
         return torch.bfloat16
     return dtype
+
+
+COLLECTIVE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+def collective_backend(device: torch.device) -> str:
+    """torch.distributed backend for tensor parallelism / KV transfer on this device."""
+    return COLLECTIVE_BACKENDS[device.type]
 
 
 def synchronize(device: torch.device) -> None:
