@@ -53,6 +53,19 @@ class GenerationResult:
 
 
 @dataclass
+class PrefilledKV:
+    """A prompt prefilled elsewhere: its first sampled token and its KV, per layer [KV, prompt_len, hd]."""
+
+    first_token: int
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
 class Request:
     index: int
     prompt: str | None
@@ -71,6 +84,7 @@ class Request:
     t_first: float | None = None
     t_done: float | None = None
     events: deque = field(default_factory=deque)
+    prefilled: PrefilledKV | None = None  # set for requests prefilled by another engine
 
     @property
     def finished(self) -> bool:
@@ -150,26 +164,79 @@ class Engine:
                 raise
 
     def _admit(self) -> None:
+        """Fill free slots: requests prefilled elsewhere are merged in; the others are prefilled
+        here, in groups of up to the largest batch bucket."""
         max_group = self.runner.buckets.batch_sizes[-1]
         while self.waiting and self.cache.num_free():
+            if self.waiting[0].prefilled is not None:
+                req = self.waiting.popleft()
+                slot = self.cache.alloc()
+                self.cache.import_slot(slot, req.prefilled.k, req.prefilled.v)
+                self._start([req], [slot], [req.prefilled.first_token])
+                continue
             group = []
-            while self.waiting and len(group) < min(self.cache.num_free(), max_group):
+            while (self.waiting and self.waiting[0].prefilled is None
+                   and len(group) < min(self.cache.num_free(), max_group)):
                 group.append(self.waiting.popleft())
             slots = [self.cache.alloc() for _ in group]
-            for req, slot in zip(group, slots):
-                req.slot = slot
-                self.running[slot] = req
-            logits = self.runner.prefill([r.prompt_ids for r in group], slots)  # [n, V]
-            idx = torch.tensor(slots, device=self.runner.device)
-            self.temperature[idx] = torch.tensor([r.params.temperature for r in group], device=idx.device)
-            self.top_k[idx] = torch.tensor([r.params.top_k or self.vocab_size for r in group], device=idx.device)
-            self.top_p[idx] = torch.tensor([r.params.top_p or 1.0 for r in group], device=idx.device)
-            first = self._sample(logits, idx, group)  # [n]
-            self.tokens[idx, 0] = first
-            self.positions[idx] = torch.tensor([len(r.prompt_ids) for r in group], device=idx.device)
-            self.active[idx] = 1
-            for req, token in zip(group, first.tolist()):
-                self._append_token(req, token)
+            first = self._prefill(group, slots)
+            self._start(group, slots, first)
+
+    def _prefill(self, group: list[Request], slots: list[int]) -> list[int]:
+        """Prefill `group` into `slots` and sample each request's first token."""
+        self._set_sampling(group, slots)
+        logits = self.runner.prefill([r.prompt_ids for r in group], slots)  # [n, V]
+        return self._sample(logits, torch.tensor(slots, device=logits.device), group).tolist()
+
+    def _set_sampling(self, group: list[Request], slots: list[int]) -> None:
+        idx = torch.tensor(slots, device=self.runner.device)
+        self.temperature[idx] = torch.tensor([r.params.temperature for r in group], device=idx.device)
+        self.top_k[idx] = torch.tensor([r.params.top_k or self.vocab_size for r in group], device=idx.device)
+        self.top_p[idx] = torch.tensor([r.params.top_p or 1.0 for r in group], device=idx.device)
+
+    def _start(self, group: list[Request], slots: list[int], first_tokens: list[int]) -> None:
+        """Make the requests decode from their slots, starting after their first token."""
+        self._set_sampling(group, slots)
+        idx = torch.tensor(slots, device=self.runner.device)
+        self.tokens[idx, 0] = torch.tensor(first_tokens, device=idx.device)
+        self.positions[idx] = torch.tensor([len(r.prompt_ids) for r in group], device=idx.device)
+        self.active[idx] = 1
+        for req, slot, token in zip(group, slots, first_tokens):
+            req.slot = slot
+            self.running[slot] = req
+            self._append_token(req, token)
+
+    # ---- separated prefill / decode (the hand-over primitives zoo.pd builds on) ------------
+    def prefill_only(self, requests: list[Request]) -> list[PrefilledKV]:
+        """PROMPT role: prefill each request, sample its first token, and export the KV of its real
+        tokens (per layer [KV, prompt_len, hd]); no slot stays taken."""
+        with self.lock:
+            if self.cache.num_free() < len(requests):
+                raise RuntimeError(f"{len(requests)} requests but only {self.cache.num_free()} free KV slots")
+            slots = [self.cache.alloc() for _ in requests]
+            try:
+                first = self._prefill(requests, slots)
+                out = []
+                for req, slot, token in zip(requests, slots, first):
+                    k, v = self.cache.export_slot(slot, len(req.prompt_ids))
+                    out.append(PrefilledKV(token, k, v))
+                return out
+            finally:
+                for slot in slots:
+                    self.cache.free(slot)
+
+    def submit_prefilled(self, request: Request, prefilled: PrefilledKV) -> None:
+        """DECODER role: queue a request whose prompt was prefilled elsewhere; it is merged into a free
+        slot (KVCache.import_slot) and decodes from its first token on."""
+        n = len(request.prompt_ids)
+        if any(k.shape[1] != n for k in prefilled.k + prefilled.v) or len(prefilled.k) != len(self.cache.k):
+            raise RequestError(f"prefilled KV does not match the request: expected {len(self.cache.k)} layers "
+                               f"of {n} positions, got {[list(k.shape) for k in prefilled.k[:1]]}")
+        request.prefilled = prefilled
+        if request.generator is not None and not request.params.greedy:
+            # the prompt side drew the first token's noise; draw it here too to stay in step
+            torch.empty(self.vocab_size, device=self.runner.device).exponential_(generator=request.generator)
+        self.submit([request])
 
     def _decode_step(self) -> None:
         B = self.runner.buckets.batch_for(max(self.running) + 1)
