@@ -65,7 +65,7 @@ class PrefilledKV:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-@dataclass
+@dataclass(eq=False)  # requests compare by identity (engine.abort looks them up in the queue)
 class Request:
     index: int
     prompt: str | None

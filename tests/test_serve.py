@@ -1,0 +1,394 @@
+"""The OpenAI-compatible server (python -m zoo.serve) end to end, with the official openai client.
+
+One server process (the embedded tiny Llama, eager) on a free loopback port serves the whole
+module; one test builds an app in-process for a model without a chat template. Every wait is
+bounded, and the server is stopped at the end.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "tiny-llama"
+START_TIMEOUT_S = 90
+ZEN = ["Beautiful is", "Explicit is", "Simple is", "Complex is", "Flat is", "Sparse is", "Readability",
+       "Special cases", "Although practicality", "Errors should", "Unless explicitly", "In the face of",
+       "There should be one", "Although that way", "Now is better", "If the implementation"]
+
+
+# ---- the server --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Base URL of a `python -m zoo.serve --port 0` process (default host), stopped afterwards."""
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "zoo.serve", "--port", "0", "--max-batch-size", "8"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = _wait_until_listening(proc, log_path)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    log_text = log_path.read_text()
+    assert "Traceback" not in log_text, log_text[-4000:]
+
+
+def _wait_until_listening(proc, log_path) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    url = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        if url is None:
+            m = re.search(r"\[zoo\] listening on (http://\S+)", log_path.read_text())
+            url = m.group(1) if m else None
+        if url is not None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+        time.sleep(0.1)
+    pytest.fail(f"the server did not come up in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def metrics(server) -> dict[str, float]:
+    """The server's /metrics as {'name{label="v",...}': value}."""
+    r = httpx.get(f"{server}/metrics", timeout=10)
+    assert r.status_code == 200
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_for(predicate, timeout_s: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def post(server, path: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{server}{path}", content=content, headers={"Content-Type": "application/json"},
+                      timeout=60, **kw)
+
+
+# ---- basics --------------------------------------------------------------------------------------
+def test_health_models_and_loopback_default(server, client):
+    assert server.startswith("http://127.0.0.1:")  # binds loopback unless told otherwise
+    health = httpx.get(f"{server}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion(client):
+    r = client.completions.create(model=MODEL, prompt="Beautiful is", max_tokens=20, temperature=0)
+    assert r.object == "text_completion" and r.model == MODEL and len(r.choices) == 1
+    choice = r.choices[0]
+    assert choice.text.startswith(" better than ugly.\nExplicit is better than implicit.")
+    assert choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (4, 20, 24)
+
+
+def test_completion_stop_and_seed(client):
+    r = client.completions.create(model=MODEL, prompt="Beautiful is", max_tokens=40, temperature=0, stop=["\n"])
+    assert r.choices[0].text == " better than ugly." and r.choices[0].finish_reason == "stop"
+    a, b = (client.completions.create(model=MODEL, prompt="Simple is", max_tokens=30, temperature=1.0, top_p=0.9,
+                                      seed=1234).choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_prompt_list_gives_one_choice_per_prompt(client):
+    r = client.completions.create(model=MODEL, prompt=["Beautiful is", "Flat is"], max_tokens=6, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text.startswith(" better than ugly") and r.choices[1].text.startswith(" better than nested")
+    assert r.usage.completion_tokens == 12
+
+
+def test_chat_completion_uses_the_chat_template(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Beautiful is"}],
+                                       max_tokens=12, temperature=0)
+    assert r.object == "chat.completion"
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str) and msg.content
+    # <s> <|start_header_id|>user<|end_header_id|>\n\nBeautiful is<|eot_id|><|start_header_id|>assistant...
+    assert r.usage.prompt_tokens == 22 and r.usage.completion_tokens == 12
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_streaming_concatenates_to_the_full_answer(client, kind):
+    args = dict(model=MODEL, max_tokens=40, temperature=0)
+    if kind == "completion":
+        create, args["prompt"] = client.completions.create, "Simple is"
+        text_of = lambda c: c.text  # noqa: E731
+        full = create(**args)
+        full_text = full.choices[0].text
+    else:
+        create, args["messages"] = client.chat.completions.create, [{"role": "user", "content": "Flat is"}]
+        text_of = lambda c: c.delta.content or ""  # noqa: E731
+        full = create(**args)
+        full_text = full.choices[0].message.content
+    chunks = list(create(**args, stream=True, stream_options={"include_usage": True}))
+    pieces = [c for c in chunks if c.choices]
+    assert len(pieces) > 5  # it really streamed
+    assert "".join(text_of(c.choices[0]) for c in pieces) == full_text
+    assert pieces[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in pieces[:-1])
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage == full.usage
+    assert all(c.usage is None for c in pieces)
+
+
+def test_raw_sse_framing(server):
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Flat is", "max_tokens": 5, "temperature": 0,
+                                         "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert "usage" not in json.loads(events[0][len("data: "):])  # only with stream_options.include_usage
+
+
+# ---- errors --------------------------------------------------------------------------------------
+ERROR_CASES = [
+    # (id, path, body, status, param, code)
+    ("malformed_json", "/v1/completions", b'{"model": "tiny-llama", "prompt": ', 400, None, None),
+    ("not_an_object", "/v1/completions", b"[1, 2]", 400, None, None),
+    ("unknown_model", "/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model", "model_not_found"),
+    ("unknown_model_chat", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+     404, "model", "model_not_found"),
+    ("max_tokens_beyond_context", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 100000},
+     400, "max_tokens", "context_length_exceeded"),
+    ("prompt_beyond_context", "/v1/completions", {"model": MODEL, "prompt": list(range(5, 5 + 600))},
+     400, "prompt", "context_length_exceeded"),
+    ("negative_temperature", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.5},
+     400, "temperature", "invalid_value"),
+    ("max_tokens_as_string", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"},
+     400, "max_tokens", "invalid_type"),
+    ("temperature_as_string", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+     400, "temperature", "invalid_type"),
+    ("prompt_wrong_type", "/v1/completions", {"model": MODEL, "prompt": 3}, 400, "prompt", "invalid_type"),
+    ("messages_wrong_type", "/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages",
+     "invalid_type"),
+    ("bad_role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+     400, "messages[0].role", "invalid_value"),
+    ("missing_prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", "missing_required_parameter"),
+    ("n_above_1", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "unsupported_value"),
+    ("token_id_outside_vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", None),
+    ("top_p_zero", "/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
+    ("stream_options_without_stream", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ("oversized_body", "/v1/completions", {"model": MODEL, "prompt": "a" * (1 << 20)}, 413, None,
+     "request_too_large"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", [c[1:] for c in ERROR_CASES],
+                         ids=[c[0] for c in ERROR_CASES])
+def test_bad_requests_get_openai_error_bodies(server, path, body, status, param, code):
+    r = post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["param"] == param and error["code"] == code
+
+
+def test_errors_through_the_openai_client_and_the_server_goes_on(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x")
+    assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=3)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    r = client.completions.create(model=MODEL, prompt="Beautiful is", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
+def test_unknown_route_is_openai_shaped(server):
+    r = httpx.get(f"{server}/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_chat_without_a_template_is_a_clear_400(tmp_path):
+    """In-process app (uvicorn-free), for a copy of the tiny Llama whose tokenizer has no chat template."""
+    from fastapi.testclient import TestClient
+
+    import zoo
+    from zoo.serve import create_app
+
+    model_dir = tmp_path / "no-template"
+    shutil.copytree(zoo.embedded_model_path("llama"), model_dir)
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    with TestClient(create_app(zoo.load(str(model_dir), max_batch_size=2))) as http:
+        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "chat_template_missing" and "chat template" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={"prompt": "Beautiful is", "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith(" better than")
+
+
+def test_a_failing_engine_step_is_a_500_and_the_server_goes_on(monkeypatch):
+    """In-process: the decode graph raises once; that request gets an OpenAI-shaped 500, the next works."""
+    from fastapi.testclient import TestClient
+
+    import zoo
+    from zoo.serve import create_app
+
+    model = zoo.load(max_batch_size=2)
+    decode, calls = model.engine.runner.decode, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected decode failure")
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(model.engine.runner, "decode", failing_once)
+    body = {"prompt": "Beautiful is", "max_tokens": 5, "temperature": 0}
+    with TestClient(create_app(model)) as http:
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "injected decode failure" in error["message"]
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == " better than ugly.\n"
+        assert http.get("/health").json()["running"] == 0
+
+
+# ---- disconnects ---------------------------------------------------------------------------------
+LONG = {"model": MODEL, "prompt": "Beautiful is", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
+
+
+def _idle(server) -> bool:
+    m = metrics(server)
+    return m["zoo_num_requests_running"] == 0 and m["zoo_num_requests_waiting"] == 0
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server):
+    wait_for(lambda: _idle(server), what="an idle server")
+    aborted = metrics(server).get('zoo_requests_total{finish_reason="aborted"}', 0)
+    with httpx.stream("POST", f"{server}/v1/completions", json={**LONG, "stream": True}, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = [next(lines) for _ in range(4)]  # two chunks (each followed by a blank line)
+        assert first[0].startswith("data: ")
+        assert metrics(server)["zoo_num_requests_running"] == 1
+    # closed after ~2 of 500 tokens: the server aborts it and frees its slot
+    wait_for(lambda: _idle(server), what="the aborted request to leave its slot")
+    m = metrics(server)
+    assert m['zoo_requests_total{finish_reason="aborted"}'] == aborted + 1
+    assert httpx.get(f"{server}/health", timeout=10).json()["running"] == 0
+
+
+def test_client_disconnect_while_waiting_for_a_full_answer(server):
+    wait_for(lambda: _idle(server), what="an idle server")
+    aborted = metrics(server).get('zoo_requests_total{finish_reason="aborted"}', 0)
+    with pytest.raises(httpx.ReadTimeout):  # gives up long before 500 tokens are done
+        httpx.post(f"{server}/v1/completions", json=LONG, timeout=httpx.Timeout(10, read=0.1))
+    wait_for(lambda: metrics(server).get('zoo_requests_total{finish_reason="aborted"}', 0) == aborted + 1,
+             what="the abort of the abandoned request")
+    wait_for(lambda: _idle(server), what="the slot to be free")
+
+
+# ---- continuous batching -------------------------------------------------------------------------
+def _batched_steps(m: dict) -> float:
+    """Engine steps in which more than one request got a token."""
+    return m["zoo_engine_step_batch_size_count"] - m['zoo_engine_step_batch_size_bucket{le="1.0"}']
+
+
+def test_concurrent_clients_are_batched_and_get_the_sequential_tokens(server, client):
+    def complete(prompt: str) -> tuple[list[int], str]:
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
+                                      extra_body={"return_token_ids": True})
+        return r.choices[0].token_ids, r.choices[0].text
+
+    wait_for(lambda: _idle(server), what="an idle server")
+    before = metrics(server)
+    sequential = [complete(p) for p in ZEN]
+    after_sequential = metrics(server)
+    assert _batched_steps(after_sequential) == _batched_steps(before)  # one at a time: never batched
+
+    barrier = threading.Barrier(len(ZEN), timeout=30)
+
+    def concurrent_complete(prompt: str):
+        barrier.wait()
+        return complete(prompt)
+
+    with concurrent.futures.ThreadPoolExecutor(len(ZEN)) as pool:
+        futures = [pool.submit(concurrent_complete, p) for p in ZEN]
+        # the event loop is never blocked by the engine: /health answers while the batch runs
+        assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+        concurrent_results = [f.result(timeout=120) for f in futures]
+    assert concurrent_results == sequential  # same token ids and text, greedy, whatever the batch
+
+    m = metrics(server)
+    assert _batched_steps(m) > _batched_steps(after_sequential)  # steps that served several requests
+    assert m["zoo_num_requests_running_peak"] > 1
+    assert m["zoo_requests_total{finish_reason=\"length\"}"] >= before.get(
+        'zoo_requests_total{finish_reason="length"}', 0) + 2 * len(ZEN)
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+def test_metrics_count_tokens_and_latencies(server, client):
+    wait_for(lambda: _idle(server), what="an idle server")
+    before = metrics(server)
+    r = client.completions.create(model=MODEL, prompt="Explicit is", max_tokens=9, temperature=0)
+    after = metrics(server)
+    assert after["zoo_prompt_tokens_total"] - before["zoo_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert after["zoo_generation_tokens_total"] - before["zoo_generation_tokens_total"] == 9
+    for hist in ("zoo_time_to_first_token_seconds", "zoo_e2e_request_latency_seconds"):
+        assert after[f"{hist}_count"] == before[f"{hist}_count"] + 1
+        assert after[f"{hist}_sum"] > before[f"{hist}_sum"]
+    assert after["zoo_num_requests_running"] == 0 and after["zoo_num_requests_waiting"] == 0
+    assert after["zoo_kv_cache_slots"] == 8
+
+    raw = httpx.get(f"{server}/metrics", timeout=10)
+    assert raw.headers["content-type"].startswith("text/plain")
+    for name in ("zoo_num_requests_running", "zoo_num_requests_waiting", "zoo_prompt_tokens_total",
+                 "zoo_generation_tokens_total", "zoo_time_to_first_token_seconds_bucket",
+                 "zoo_e2e_request_latency_seconds_bucket", "zoo_http_errors_total"):
+        assert f"\n{name}" in raw.text, name

@@ -1,0 +1,413 @@
+"""The FastAPI app: OpenAI-compatible completions and chat completions on a zoo Model.
+
+Handlers run on the event loop and never call into the engine directly. A request is tokenized
+and validated in a worker thread (engine.make_request raises before anything is queued), handed
+to the EngineLoop thread, and its StreamEvents come back into a per-call asyncio.Queue via
+loop.call_soon_threadsafe. A client that goes away (mid-stream or while waiting for a
+non-streamed answer) gets its requests aborted, which frees their KV slots before the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zoo.engine import Request as EngineRequest
+from zoo.engine import RequestError, StreamEvent
+from zoo.sampling import SamplingParams
+from zoo.serve.engine_loop import EngineLoop, EngineStopped
+from zoo.serve.metrics import Metrics
+from zoo.serve.protocol import APIError, ChatCompletionBody, CompletionBody, bad_request, parse_body
+
+log = logging.getLogger("zoo.serve")
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy
+# Past the body limit the rest is still read (and dropped) up to this size, so the client sees the
+# 413 instead of a connection reset; a bigger body gets the 413 and the connection is closed.
+_DRAIN_LIMIT = 16 << 20
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    max_body_bytes: int = 1 << 20
+    max_queued_requests: int = 1024  # waiting (not yet in a KV slot) beyond this -> 503
+    chat_template: str | None = None  # overrides the tokenizer's
+
+
+def default_model_name(model) -> str:
+    return os.path.basename(os.path.normpath(model.path)) or "zoo"
+
+
+def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving `model` (a zoo.Model). Its engine thread starts and stops with the app's
+    lifespan; nothing else may generate with `model` while the app runs."""
+    if not hasattr(model, "engine"):
+        raise TypeError(f"create_app needs a single-process zoo.Model (with an engine), got {type(model).__name__}")
+    settings = settings or ServerSettings(default_model_name(model))
+    server = _Server(model, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # the engine thread hands each step's events to the event loop in one call
+        server.engine_loop.start(dispatch=asyncio.get_running_loop().call_soon_threadsafe)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(server.engine_loop.stop)  # joins the thread: not on the loop
+
+    app = FastAPI(title="zoo", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return server.error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return server.error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                              type=kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return server.error_response(bad_request(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return server.error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                              type="server_error"))
+
+    @app.get("/health")
+    async def health():
+        if not server.engine_loop.alive:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return {"status": "ok", "running": server.engine_loop.running(), "waiting": server.engine_loop.queued()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [server.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        server.check_model(model_id)
+        return server.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = parse_body(await server.read_body(request), CompletionBody)
+        server.check_model(body.model)
+        body.check_supported()
+        requests = await run_in_threadpool(server.completion_requests, body)
+        return await server.respond(request, body, requests, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = parse_body(await server.read_body(request), ChatCompletionBody)
+        server.check_model(body.model)
+        body.check_supported()
+        requests = await run_in_threadpool(server.chat_requests, body)
+        return await server.respond(request, body, requests, chat=True)
+
+    return app
+
+
+class _Server:
+    def __init__(self, model, settings: ServerSettings):
+        self.model, self.settings = model, settings
+        self.name = settings.served_model_name
+        self.engine = model.engine
+        self.max_seq_len = self.engine.max_seq_len
+        self.metrics = Metrics(self.name)
+        self.engine_loop = EngineLoop(self.engine, self.metrics)
+        self.metrics.bind(self.engine_loop)
+        self.created = int(time.time())
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def error_response(self, exc: APIError) -> JSONResponse:
+        self.metrics.http_errors.labels(status=str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        length = request.headers.get("content-length", "")
+        too_big = APIError(413, f"the request body is larger than the server's limit of {limit} bytes",
+                           code="request_too_large")
+        if length.isdigit() and int(length) > _DRAIN_LIMIT:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > _DRAIN_LIMIT:
+                break
+        if size > limit:
+            raise too_big
+        return b"".join(chunks)
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "zoo",
+                "max_model_len": self.max_seq_len}
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.name}`.",
+                           param="model", code="model_not_found")
+
+    # ---- requests ------------------------------------------------------------------------------
+    def completion_requests(self, body: CompletionBody) -> list[EngineRequest]:
+        """Tokenize and validate (in a worker thread); nothing is queued if any prompt is bad."""
+        prompts = body.prompt_list()
+        encoded = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.model.tokenizer is None:
+                    raise bad_request("this model has no tokenizer: send prompts as lists of token ids",
+                                      param="prompt")
+                encoded.append(self.model.tokenizer.encode(p))
+            else:
+                encoded.append(list(p))
+        return self._make_requests(body, encoded, [p if isinstance(p, str) else None for p in prompts],
+                                   body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+
+    def chat_requests(self, body: ChatCompletionBody) -> list[EngineRequest]:
+        tok = self.model.tokenizer
+        template = self.settings.chat_template
+        if tok is None or (template is None and not getattr(tok.hf, "chat_template", None)):
+            raise bad_request(f"the model `{self.name}` has no chat template (no 'chat_template' in its tokenizer "
+                              "files), so /v1/chat/completions cannot format messages; use /v1/completions, or "
+                              "start the server with --chat-template FILE", param="messages",
+                              code="chat_template_missing")
+        try:
+            text = tok.hf.apply_chat_template(body.template_messages(), tokenize=False, add_generation_prompt=True,
+                                              chat_template=template)
+        except Exception as e:  # jinja2 errors (e.g. a template that insists on alternating roles)
+            raise bad_request(f"the chat template could not format these messages: {e}", param="messages") from None
+        ids = list(tok.hf(text, add_special_tokens=False)["input_ids"])  # the template wrote the specials
+        return self._make_requests(body, [ids], [text], body.token_limit, None, "messages")
+
+    def _make_requests(self, body, encoded: list[list[int]], texts: list[str | None], asked: int | None,
+                       default: int | None, prompt_param: str) -> list[EngineRequest]:
+        stops = body.stop_list()
+        queued = self.engine_loop.queued()
+        if queued + len(encoded) > self.settings.max_queued_requests:
+            raise APIError(503, f"the server is overloaded: {queued} requests are already waiting for a KV slot",
+                           type="server_error", code="overloaded")
+        requests = []
+        for i, ids in enumerate(encoded):
+            max_new = self._max_new_tokens(len(ids), asked, default, prompt_param)
+            params = SamplingParams(
+                max_new_tokens=max_new,
+                temperature=DEFAULT_TEMPERATURE if body.temperature is None else float(body.temperature),
+                top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops, ignore_eos=body.ignore_eos)
+            try:
+                requests.append(self.engine.make_request(i, ids, params, texts[i]))
+            except RequestError as e:
+                raise bad_request(str(e), param=prompt_param) from None
+        return requests
+
+    def _max_new_tokens(self, prompt_len: int, asked: int | None, default: int | None, prompt_param: str) -> int:
+        room = self.max_seq_len - prompt_len
+        if room < 1:
+            raise bad_request(f"This model's maximum context length is {self.max_seq_len} tokens. However, your "
+                              f"{prompt_param} has {prompt_len} tokens, which leaves no room for new tokens.",
+                              param=prompt_param, code="context_length_exceeded")
+        if asked is None:
+            return room if default is None else min(default, room)
+        if asked > room:
+            raise bad_request(f"This model's maximum context length is {self.max_seq_len} tokens. However, you "
+                              f"requested {prompt_len + asked} tokens ({prompt_len} in the {prompt_param}, {asked} "
+                              "in the completion). Please reduce the prompt or max_tokens.",
+                              param="max_tokens", code="context_length_exceeded")
+        return asked
+
+    # ---- answering -----------------------------------------------------------------------------
+    async def respond(self, request: Request, body, requests: list[EngineRequest], chat: bool) -> Response:
+        queue: asyncio.Queue[tuple[EngineRequest, list[StreamEvent]]] = asyncio.Queue()
+
+        def sink(req: EngineRequest, events: list[StreamEvent]) -> None:  # runs on the event loop
+            queue.put_nowait((req, events))
+
+        try:
+            self.engine_loop.submit(requests, sink)
+        except EngineStopped as e:
+            raise APIError(503, f"the server is not accepting requests: {e}", type="server_error") from None
+        call = _Call(self, body, requests, queue, chat)
+        if body.stream:
+            return EventStreamResponse(call.sse(), on_close=lambda: self.engine_loop.abort(requests))
+        collector = asyncio.ensure_future(call.wait_all())
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not collector.done():  # the client went away (or the server is stopping)
+                collector.cancel()
+                self.engine_loop.abort(requests)
+        if not collector.done() or collector.cancelled():
+            return Response(status_code=499)  # nobody is listening any more
+        return JSONResponse(call.full_response())
+
+
+class _Call:
+    """One HTTP call's requests, their events as they arrive, and the OpenAI objects built from them."""
+
+    def __init__(self, server: _Server, body, requests: list[EngineRequest], queue: asyncio.Queue, chat: bool):
+        self.server, self.body, self.requests, self.queue, self.chat = server, body, requests, queue, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    async def events(self) -> AsyncIterator[tuple[EngineRequest, StreamEvent]]:
+        """The events of every request, until each has had its last one (the one with a finish_reason).
+        Whatever piled up while the consumer was busy is merged, one event per request, so a slow
+        client or a busy event loop gets fewer, larger chunks instead of falling further behind."""
+        remaining = len(self.requests)
+        while remaining:
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            merged: dict[int, tuple[EngineRequest, StreamEvent]] = {}
+            for req, events in batch:
+                for e in events:
+                    if req.index not in merged:
+                        merged[req.index] = (req, replace(e, token_ids=list(e.token_ids)))
+                    else:
+                        m = merged[req.index][1]
+                        m.text += e.text
+                        m.token_ids += e.token_ids
+                        m.finish_reason = e.finish_reason or m.finish_reason
+            for req, e in merged.values():
+                yield req, e
+                if e.finish_reason is not None:
+                    remaining -= 1
+
+    async def wait_all(self) -> None:
+        async for _ in self.events():
+            pass
+
+    def usage(self) -> dict:
+        prompt = sum(len(r.prompt_ids) for r in self.requests)
+        completion = sum(len(r.output_ids) for r in self.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _failure(self) -> APIError | None:
+        failed = [r for r in self.requests if r.finish_reason == "error"]
+        if not failed:
+            return None
+        return APIError(500, f"generation failed: {failed[0].error}", type="server_error")
+
+    def full_response(self) -> dict:
+        failure = self._failure()
+        if failure is not None:
+            raise failure
+        choices = []
+        for r in self.requests:
+            if self.chat:
+                choice = {"index": r.index, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                          "finish_reason": r.finish_reason}
+            else:
+                choice = {"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            if self.body.return_token_ids:
+                choice["token_ids"] = list(r.output_ids)
+            choices.append(choice)
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.server.name,
+                "choices": choices, "usage": self.usage()}
+
+    def _chunk(self, choices: list[dict], usage=None) -> str:
+        chunk = {"id": self.id, "object": self.object + ".chunk" if self.chat else self.object,
+                 "created": self.created, "model": self.server.name, "choices": choices}
+        if self.body.include_usage:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    async def sse(self) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per engine event with new text (or the finish), an optional
+        usage chunk, then `data: [DONE]`."""
+        if self.chat:
+            for r in self.requests:
+                yield self._chunk([{"index": r.index, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}])
+        async for req, e in self.events():
+            if e.finish_reason == "error":
+                err = APIError(500, f"generation failed: {req.error}", type="server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                continue
+            if not (e.text or e.finish_reason or (self.body.return_token_ids and e.token_ids)):
+                continue
+            if self.chat:
+                choice = {"index": e.index, "delta": {"content": e.text} if e.text else {}, "logprobs": None,
+                          "finish_reason": e.finish_reason}
+            else:
+                choice = {"index": e.index, "text": e.text, "logprobs": None, "finish_reason": e.finish_reason}
+            if self.body.return_token_ids:
+                choice["token_ids"] = e.token_ids
+            yield self._chunk([choice])
+        if self.body.include_usage:
+            yield self._chunk([], usage=self.usage())
+        yield "data: [DONE]\n\n"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the request body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class EventStreamResponse(StreamingResponse):
+    """text/event-stream from an async iterator of str. Whatever ends it (the last chunk, the client
+    going away, the server stopping) calls `on_close` once, which aborts unfinished requests.
+    Unlike StreamingResponse under ASGI spec >= 2.4, it notices a client that went away even while
+    no chunk is being sent (a request still waiting for a KV slot)."""
+
+    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.chunks, self.on_close = chunks, on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        pumping, watching = asyncio.ensure_future(pump()), asyncio.ensure_future(watch())
+        try:
+            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pumping, watching):
+                task.cancel()
+            await asyncio.gather(pumping, watching, return_exceptions=True)
+            await self.chunks.aclose()
+            self.on_close()
+        if pumping.done() and not pumping.cancelled() and isinstance(pumping.exception(), Exception) \
+                and not isinstance(pumping.exception(), OSError):
+            raise pumping.exception()

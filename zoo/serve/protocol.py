@@ -1,0 +1,218 @@
+"""OpenAI request bodies (validated strictly, as OpenAI does) and OpenAI-shaped errors."""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# ---- request bodies -------------------------------------------------------------------------
+class _Body(BaseModel):
+    # strict: "0.5" is not a number and true is not an int, as in OpenAI's API; unknown fields are
+    # ignored (clients send fields such as `user`).
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _GenerationBody(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # extension (as vLLM)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # extension: generate max_tokens tokens whatever the model says
+    return_token_ids: bool = False  # extension: each choice also carries `token_ids`
+
+    def check_supported(self) -> None:
+        """Refuse, rather than silently ignore, what zoo does not implement."""
+        if self.n not in (None, 1):
+            raise bad_request(f"n={self.n} is not supported: this server returns one choice per prompt (n=1)",
+                              param="n", code="unsupported_value")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise bad_request(f"{name} is not supported (only 0 or null)", param=name,
+                                  code="unsupported_value")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_value")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+
+    def stop_list(self) -> tuple[str, ...]:
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stops) > 16:
+            raise bad_request(f"at most 16 stop sequences are allowed, got {len(stops)}", param="stop")
+        if any(not s for s in stops):
+            raise bad_request("stop sequences must be non-empty strings", param="stop")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionBody(_GenerationBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise bad_request("echo is not supported", param="echo", code="unsupported_value")
+        if self.best_of not in (None, 1):
+            raise bad_request("best_of > 1 is not supported", param="best_of", code="unsupported_value")
+        if self.suffix:
+            raise bad_request("suffix is not supported", param="suffix", code="unsupported_value")
+        if self.logprobs is not None:
+            raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts of the request: one string / token list, or a list of them."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise bad_request("prompt must not be empty", param="prompt")
+        return list(p)
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"content parts of type {part.type!r} are not supported (text only)",
+                                  param=f"messages[{index}].content[{j}]", code="unsupported_value")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatCompletionBody(_GenerationBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs:
+            raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
+        if self.tools:
+            raise bad_request("tools are not supported", param="tools", code="unsupported_value")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise bad_request("only response_format {\"type\": \"text\"} is supported", param="response_format",
+                              code="unsupported_value")
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict]:
+        out = []
+        for i, m in enumerate(self.messages):
+            msg = {"role": m.role, "content": m.text(i)}
+            if m.name is not None:
+                msg["name"] = m.name
+            out.append(msg)
+        return out
+
+
+# ---- parsing --------------------------------------------------------------------------------
+def parse_body(raw: bytes, model: type[_Body]) -> _Body:
+    """JSON bytes -> a validated body, or an APIError naming the first problem (OpenAI answers
+    schema errors with 400, not FastAPI's 422)."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"We could not parse the JSON body of your request ({e}). The body must be a JSON "
+                          "object; see the OpenAI API reference.") from None
+    if not isinstance(data, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _param_path(loc: tuple) -> str:
+    """('messages', 0, 'content', 'str') -> 'messages[0].content' (union-member tags dropped)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or part.split("-")[0] in _UNION_TAGS or part.startswith(("function-", "tagged-union")):
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    param = _param_path(first["loc"])
+    if first["type"] == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    # a union gives one error per member: show them together, once
+    same = [err for err in errors if _param_path(err["loc"]) == param]
+    reasons = "; ".join(dict.fromkeys(err["msg"] for err in same))
+    value = first.get("input")
+    shown = json.dumps(value)[:80] if _jsonable(value) else type(value).__name__
+    kind = "invalid_type" if first["type"].endswith("_type") or first["type"].startswith("union") else "invalid_value"
+    return bad_request(f"Invalid value for '{param}': {shown}. {reasons}.", param=param or None, code=kind)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
