@@ -18,6 +18,7 @@ from zoo.graph_cache import GraphCache, cache_key_fields
 from zoo.graphs import Buckets, GraphRunner, compile_entry_points
 from zoo.kv_cache import KVCache
 from zoo.loader import load_weights
+from zoo.parallel import SINGLE, TPContext, TPModel
 from zoo.sampling import SamplingParams
 from zoo.tokenizer import Tokenizer
 
@@ -53,7 +54,9 @@ def _log(msg: str) -> None:
 def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
          compiled: bool | str = False, max_batch_size: int | None = None, max_seq_len: int | None = None,
          buckets: Buckets | None = None, compile_config: str | CompileConfig | None = None,
-         inductor_options: dict | None = None, cache_dir: str | None = None, verbose: bool = False) -> "Model":
+         inductor_options: dict | None = None, cache_dir: str | None = None, verbose: bool = False,
+         tp: int | TPContext | None = None, use_mc2: bool = False,
+         tp_timeout_s: float | None = None) -> "Model | TPModel":
     """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer files]).
 
     model_path None -> the embedded tiny Llama. compiled=True compiles prefill and decode per
@@ -65,9 +68,29 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     max_batch_size defaults to 8 and max_seq_len to min(max_position_embeddings, 2048); the KV
     cache holds max_batch_size slots of that length. buckets and inductor_options override the
     compile config's.
+
+    tp=N (N > 1) runs the model tensor-parallel over N ranks in worker processes (spawned here;
+    gloo on cpu) and returns a TPModel, a proxy with the same generate / stream / warmup API whose
+    results come from rank 0 (docs/tensor_parallel.md). use_mc2 overlaps each row-parallel matmul
+    with its all-reduce. A TPContext instead of an int loads this process's rank of an
+    already-initialised process group (what each worker, or a torchrun rank, does).
+    tp_timeout_s is the process-group timeout (default $ZOO_TP_TIMEOUT or 120 s): how long ranks
+    wait in a collective for a peer that hangs before they fail.
     """
     t0 = time.perf_counter()
     model_path = model_path or embedded_model_path("llama")
+    if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1:
+        if isinstance(compiled, str):
+            raise ValueError("tensor parallelism (tp > 1) does not run AOTInductor exports (compiled=DIR)")
+        kwargs = dict(device=device, dtype=dtype, compiled=compiled, max_batch_size=max_batch_size,
+                      max_seq_len=max_seq_len, buckets=buckets, compile_config=compile_config,
+                      inductor_options=inductor_options, cache_dir=cache_dir, verbose=verbose)
+        ModelConfig.from_dir(model_path)  # a missing folder or bad config fails here, not in a worker
+        return TPModel(model_path, tp, kwargs, use_mc2=use_mc2, timeout_s=tp_timeout_s)
+    if tp is None or isinstance(tp, int):
+        if tp is not None and (isinstance(tp, bool) or tp < 1):
+            raise ValueError(f"tp must be an int >= 1, got {tp!r}")
+        tp = SINGLE
     config = ModelConfig.from_dir(model_path)
     dev = resolve_device(device)
     if isinstance(dtype, str):
@@ -91,12 +114,16 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     buckets = buckets or compile_config.buckets(max_batch_size, max_seq_len)
     buckets.validate(max_batch_size, max_seq_len)
 
+    if tp.enabled and exported is not None:
+        raise ValueError("tensor parallelism (tp > 1) does not run AOTInductor exports (compiled=DIR)")
+
     tokenizer = Tokenizer.from_dir(model_path)
     with torch.device("meta"):
-        module = model_class(config.family)(config)
+        module = model_class(config.family)(config, tp)
     load_weights(module, model_path, dtype, dev)
     module.eval()
-    cache = KVCache(config.num_layers, max_batch_size, config.num_kv_heads, max_seq_len, config.head_dim, dtype, dev)
+    cache = KVCache(config.num_layers, max_batch_size, module.num_local_kv_heads, max_seq_len, config.head_dim,
+                    dtype, dev)
     if exported is not None:
         from zoo.aoti import ExportedGraphs
 
@@ -105,7 +132,7 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
                              description=f"AOTInductor graphs from {compiled}")
     elif compiled:
         runner = _compiled_runner(module, cache, buckets, compile_config, inductor_options, dtype, dev,
-                                  cache_dir or default_cache_dir())
+                                  cache_dir or default_cache_dir(), tp)
     else:
         runner = GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False)
     eos = set(config.eos_token_ids) | _generation_config_eos(model_path)
@@ -118,7 +145,9 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
         graphs = runner.description if exported is not None else graphs
         if runner.graph_cache is not None:
             graphs += f"; graph cache {runner.graph_cache.status} at {runner.graph_cache.dir}"
-        _log(f"loaded {config.architecture} from {model_path} on {dev} ({dtype}) in "
+        tp_note = f", tensor-parallel rank {tp.rank} of {tp.world_size}" + (" (mc2)" if tp.use_mc2 else "") \
+            if tp.enabled else ""
+        _log(f"loaded {config.architecture} from {model_path} on {dev} ({dtype}){tp_note} in "
              f"{time.perf_counter() - t0:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache "
              f"{cache.nbytes / 2**20:.1f} MiB ({max_batch_size} slots x {max_seq_len} tokens); {graphs}")
     return model
@@ -137,7 +166,7 @@ def _read_export(export_dir: str, max_batch_size: int | None, max_seq_len: int |
 
 
 def _compiled_runner(module, cache, buckets, compile_config: CompileConfig, inductor_overrides, dtype, device,
-                     cache_dir: str) -> GraphRunner:
+                     cache_dir: str, tp: TPContext = SINGLE) -> GraphRunner:
     backend = compile_config.backend
     if (backend == "torchair") != (device.type == "npu"):
         raise ValueError(f"{compile_config.source}: backend {backend!r} does not run on device {device.type!r} "
@@ -154,6 +183,9 @@ def _compiled_runner(module, cache, buckets, compile_config: CompileConfig, indu
         module.set_attention_ops(npu.NpuAttentionOps(torch_npu))  # fused FA / IFA and scatter_update_
         fingerprint = {"backend": "torchair", "options": options, "torch_npu": torch_npu.__version__}
         description = f"torchair, options {options}"
+    if tp.enabled:
+        fingerprint["tp"] = tp.fingerprint()  # each rank compiles (and caches) its own shard's graphs
+        fingerprint["tp_source"] = _tp_source_hash()  # the collectives' code lives outside zoo.layers
     graph_cache = None
     if compile_config.graph_cache:
         fields = cache_key_fields(module, fingerprint, dtype, buckets, tuple(cache.k[0].shape), device)
@@ -164,6 +196,15 @@ def _compiled_runner(module, cache, buckets, compile_config: CompileConfig, indu
     else:
         prefill, decode = compile_entry_points(module, backend, options, buckets)
     return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache)
+
+
+def _tp_source_hash() -> str:
+    import hashlib
+
+    import zoo.parallel
+
+    with open(zoo.parallel.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _generation_config_eos(model_path: str) -> set[int]:
@@ -191,6 +232,14 @@ class Model:
     @property
     def compile_seconds(self) -> float:
         return self.engine.runner.compile_seconds
+
+    @property
+    def buckets(self) -> Buckets:
+        return self.engine.runner.buckets
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, prompt_lens: Sequence[int] | None = None) -> None:
         """Build the graphs for these buckets now (default: all). After this, generating inside them

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -12,8 +13,10 @@ from zoo.config import ConfigError
 from zoo.device import DeviceError
 from zoo.engine import RequestError
 from zoo.loader import CheckpointError
+from zoo.parallel import TPWorkerError, init_rank, torchrun_env
 
 DEFAULT_PROMPT = "Beautiful is"
+_PRINT_SUMMARY = True  # False on torchrun ranks other than 0
 
 
 def build_parser(family: str) -> argparse.ArgumentParser:
@@ -41,6 +44,10 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
                    help="override an inductor option, e.g. cpp_wrapper=false (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel size: spawn N ranks here (under torchrun, its WORLD_SIZE is used)")
+    p.add_argument("--use-mc2", action="store_true",
+                   help="overlap each row-parallel matmul with its all-reduce (chunked; npu_mm_all_reduce_base on npu)")
     return p
 
 
@@ -62,14 +69,62 @@ def _parse_option(text: str):
 def main(family: str, argv: list[str] | None = None) -> int:
     args = build_parser(family).parse_args(argv)
     prompts = args.prompt or [DEFAULT_PROMPT]
+    launched = torchrun_env()
+    rank = 0
     try:
+        tp = args.tp
+        if launched is not None and launched[1] > 1:  # torchrun: this process is one rank
+            rank, world_size = launched
+            if args.tp not in (1, world_size):
+                raise ValueError(f"--tp {args.tp} does not match torchrun's WORLD_SIZE {world_size}")
+            tp = _torchrun_rank(rank, world_size, args)
+        if args.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {args.tp}")
         model = load(args.model_path or embedded_model_path(family), device=args.device, dtype=args.dtype,
                      compiled=args.compiled, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                      compile_config=args.compile_config, cache_dir=args.cache_dir,
-                     inductor_options=dict(_parse_option(o) for o in args.inductor_option), verbose=True)
+                     inductor_options=dict(_parse_option(o) for o in args.inductor_option), verbose=rank == 0,
+                     tp=tp, use_mc2=args.use_mc2)
+        if launched is not None and launched[1] > 1:
+            _same_default_seed(model)
+            model.engine.runner.log_compiles = rank == 0
     except (FileNotFoundError, ConfigError, CompileConfigError, CheckpointError, DeviceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TPWorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if rank != 0:  # under torchrun only rank 0 prints; the others run the same steps in lockstep
+        sys.stdout = open(os.devnull, "w")
+        global _PRINT_SUMMARY
+        _PRINT_SUMMARY = False
+    try:
+        return _generate(model, args, prompts)
+    except TPWorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if hasattr(model, "close"):
+            model.close()
+
+
+def _torchrun_rank(rank: int, world_size: int, args):
+    from zoo.device import resolve_device
+
+    return init_rank(rank, world_size, resolve_device(args.device), "env://", use_mc2=args.use_mc2)
+
+
+def _same_default_seed(model) -> None:
+    """torchrun ranks: the engine's default generator gets rank 0's seed, so sampling agrees."""
+    import torch
+    import torch.distributed as dist
+
+    seed = [int(torch.randint(0, 2**62, ()).item())]
+    dist.broadcast_object_list(seed, src=0)
+    model.engine.seed_default_generator(seed[0])
+
+
+def _generate(model, args, prompts) -> int:
     if args.compiled and model.tokenizer is not None:
         _warm_up_for(model, prompts)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -88,9 +143,9 @@ def main(family: str, argv: list[str] | None = None) -> int:
 def _warm_up_for(model, prompts) -> None:
     """Compile the graphs these prompts start with, so the timings below exclude compiling
     (a bucket first reached later, e.g. a smaller decode batch, still compiles on first use)."""
-    buckets = model.engine.runner.buckets
+    buckets = model.buckets
     longest = max(len(model.tokenizer.encode(p)) for p in prompts)
-    if longest >= model.engine.max_seq_len:
+    if longest >= model.max_seq_len:
         return  # generate() reports the too-long prompt
     model.warmup(batch_sizes=[buckets.batch_for(min(len(prompts), buckets.batch_sizes[-1]))], prompt_lens=[longest])
 
@@ -131,6 +186,8 @@ def _run_streaming(model, prompts, sampling) -> None:
 
 
 def _summary(model, wall: float, results) -> None:
+    if not _PRINT_SUMMARY:
+        return
     new_tokens = sum(len(r.token_ids) for r in results)
     ttft = sum(r.ttft_ms for r in results) / len(results)
     tpots = [r.tpot_ms for r in results if r.tpot_ms is not None]

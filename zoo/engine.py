@@ -118,6 +118,11 @@ class Engine:
         self.top_k = torch.full((n,), vocab_size, dtype=torch.long, device=dev)
         self.top_p = torch.ones(n, device=dev)
 
+    def seed_default_generator(self, seed: int) -> None:
+        """Seed the noise of sampled requests that bring no seed of their own (tensor-parallel ranks
+        use one seed so they sample identical tokens)."""
+        self._default_generator.manual_seed(seed)
+
     # ---- submitting ------------------------------------------------------------------------
     def make_request(self, index: int, prompt_ids: list[int], params: SamplingParams,
                      prompt: str | None = None) -> Request:

@@ -73,6 +73,7 @@ class GraphRunner:
         self.description = description  # backend and options, shown when a graph compiles
         self.graph_cache = graph_cache  # zoo.graph_cache.GraphCache or None
         self.first_call_seconds: dict[tuple, float] = {}  # bucket -> time of its first call (compile)
+        self.log_compiles = True  # False on tensor-parallel ranks other than 0 (one log line per compile)
 
     @property
     def device(self) -> torch.device:
@@ -85,14 +86,14 @@ class GraphRunner:
     def _timed_first_call(self, key: tuple, fn, *args):
         if key in self.first_call_seconds:
             return fn(*args)
-        if self.compiled:
+        if self.compiled and self.log_compiles:
             _log(f"compiling {key[0]} graph for batch {key[1]}" + (f", length {key[2]}" if len(key) > 2 else "")
                  + f" ({self.description})")
         start = time.perf_counter()
         with self.graph_cache.compiling() if self.graph_cache else contextlib.nullcontext():
             out = fn(*args)
         self.first_call_seconds[key] = time.perf_counter() - start
-        if self.compiled:
+        if self.compiled and self.log_compiles:
             _log(f"  ... {self.first_call_seconds[key]:.1f} s")
         return out
 

@@ -85,26 +85,46 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)[2]["shape"])
 
-    def read_into(self, name: str, out: torch.Tensor) -> None:
-        """Copy tensor `name` into `out` (same shape, any dtype/device)."""
+    def read_into(self, name: str, out: torch.Tensor, part: tuple[int, int, int] | None = None) -> None:
+        """Copy tensor `name` (or its `part` = (dim, start, stop): a row range for dim 0, a column
+        range of a 2-D tensor for dim 1) into `out` (that shape, any dtype/device). Only the bytes
+        of the part are kept: a row range is one positioned read, a column range is read in
+        bounded chunks of whole rows through one reused buffer."""
         path, data_start, entry = self._entry(name)
         src_dtype = _DTYPES.get(entry["dtype"])
         if src_dtype is None:
             raise CheckpointError(f"tensor {name!r} in {path!r} has unsupported dtype {entry['dtype']}")
+        shape = entry["shape"]
+        rows = shape[0] if shape else 1
+        row_elems = 1
+        for n in shape[1:]:
+            row_elems *= n
+        row_bytes = row_elems * src_dtype.itemsize
+        dim, first, last = part or (0, 0, rows)
         with open(path, "rb") as f:
-            f.seek(data_start + entry["data_offsets"][0])
-            if out.dtype == src_dtype and out.device.type == "cpu" and out.is_contiguous():
-                _read_exact(f, out, path, name)  # straight into the parameter: no staging copy
+            if dim == 0:
+                f.seek(data_start + entry["data_offsets"][0] + first * row_bytes)
+                if out.dtype == src_dtype and out.device.type == "cpu" and out.is_contiguous():
+                    _read_exact(f, out, path, name)  # straight into the parameter: no staging copy
+                    return
+                # other dtype or device: convert a few MB at a time through one reused buffer
+                flat = out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(-1, 1)
+                self._chunked(f, flat, flat.shape[1], src_dtype, path, name, lambda chunk: chunk)
                 return
-            # other dtype or device: convert a few MB at a time through one reused buffer
-            flat = out.reshape(out.shape[0], -1) if out.dim() > 1 else out.reshape(-1, 1)
-            row_bytes = flat.shape[1] * src_dtype.itemsize
-            rows_per_chunk = max(1, READ_CHUNK_BYTES // row_bytes)
-            staging = torch.empty(min(rows_per_chunk, flat.shape[0]), flat.shape[1], dtype=src_dtype)
-            for r0 in range(0, flat.shape[0], rows_per_chunk):
-                chunk = staging[: min(rows_per_chunk, flat.shape[0] - r0)]
-                _read_exact(f, chunk, path, name)
-                flat[r0:r0 + chunk.shape[0]].copy_(chunk)
+            if dim != 1 or len(shape) != 2:
+                raise CheckpointError(f"cannot read part {part} of tensor {name!r} with shape {shape}")
+            f.seek(data_start + entry["data_offsets"][0])
+            self._chunked(f, out, shape[1], src_dtype, path, name, lambda chunk: chunk[:, first:last])
+
+    @staticmethod
+    def _chunked(f, out2d: torch.Tensor, src_cols: int, src_dtype, path: str, name: str, select) -> None:
+        """Read out2d.shape[0] rows of src_cols elements, a few MB at a time, into out2d."""
+        rows_per_chunk = max(1, READ_CHUNK_BYTES // max(1, src_cols * src_dtype.itemsize))
+        staging = torch.empty(min(rows_per_chunk, out2d.shape[0]), src_cols, dtype=src_dtype)
+        for r0 in range(0, out2d.shape[0], rows_per_chunk):
+            chunk = staging[: min(rows_per_chunk, out2d.shape[0] - r0)]
+            _read_exact(f, chunk, path, name)
+            out2d[r0:r0 + chunk.shape[0]].copy_(select(chunk))
 
 
 def _read_exact(f, out: torch.Tensor, path: str, name: str) -> None:
@@ -121,26 +141,59 @@ def _validated_keys(path: str) -> list[str]:
         raise CheckpointError(f"cannot read safetensors file {path!r}: {e}") from None
 
 
-def _expected_piece_shapes(model: nn.Module, name: str, shape: tuple[int, ...], n_pieces: int) -> list[tuple[int, ...]]:
-    """Split a fused parameter's shape into the shapes of its checkpoint pieces (along dim 0)."""
+def _checkpoint_pieces(model: nn.Module, name: str, shape: tuple[int, ...], n_pieces: int) -> list[tuple]:
+    """(global shape, part or None) of each checkpoint tensor parameter `name` is built from. A
+    tensor-parallel layer (zoo.layers.linear / embedding) says which part of it this rank holds."""
+    module_path, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    if hasattr(module, "checkpoint_pieces"):
+        pieces = module.checkpoint_pieces(leaf)
+        if len(pieces) != n_pieces:
+            raise CheckpointError(f"parameter {name!r} is built from {n_pieces} checkpoint tensors, "
+                                  f"but its layer describes {len(pieces)}")
+        return pieces
     if n_pieces == 1:
-        return [shape]
+        return [(shape, None)]
     rows = model.fused_row_split(name)
-    return [(r, *shape[1:]) for r in rows]
+    return [((r, *shape[1:]), None) for r in rows]
+
+
+def _part_rows(part, out_rows: int) -> int:
+    return out_rows if part is None or part[0] != 0 else part[2] - part[1]
 
 
 def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: torch.device) -> None:
-    """Fill `model` (built on the meta device) with the checkpoint's weights, in place."""
-    ckpt = SafetensorsCheckpoint(model_dir)
-    plan = model.checkpoint_sources()  # our name -> [checkpoint names]
-    params = dict(model.named_parameters())
+    """Fill `model` (built on the meta device) with the checkpoint's weights, in place. Under
+    tensor parallelism (model.tp) each rank reads only its shard of every tensor. A folder written
+    by tools/merge_qkv_weight.py (a TP_MANIFEST and rank_<r>/ sub-folders) holds the shards
+    already fused and sliced; it is read as is."""
+    tp = getattr(model, "tp", None)
+    rank, world_size = (tp.rank, tp.world_size) if tp is not None else (0, 1)
+    presharded = read_tp_manifest(model_dir)
+    if presharded is not None:
+        if presharded["tp_size"] != world_size:
+            raise CheckpointError(
+                f"{model_dir!r} was split for tensor-parallel size {presharded['tp_size']} by "
+                f"tools/merge_qkv_weight.py, but tensor-parallel size {world_size} was asked for; load it "
+                f"with tp={presharded['tp_size']} or point at the original Hugging Face folder")
+        ckpt = SafetensorsCheckpoint(os.path.join(model_dir, f"rank_{rank}"))
+        params = dict(model.named_parameters())
+        plan = {name: [name] for name in params
+                if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+        pieces = {name: [(tuple(params[name].shape), None)] for name in plan}
+    else:
+        ckpt = SafetensorsCheckpoint(model_dir)
+        plan = model.checkpoint_sources()  # our name -> [checkpoint names]
+        params = dict(model.named_parameters())
+        pieces = {name: _checkpoint_pieces(model, name, tuple(params[name].shape), len(sources))
+                  for name, sources in plan.items()}
 
     # 1. validate names and shapes from the headers alone
     available = ckpt.names()
     used: set[str] = set()
     for name, sources in plan.items():
-        want = _expected_piece_shapes(model, name, tuple(params[name].shape), len(sources))
-        for src, shape in zip(sources, want):
+        for src, (shape, _) in zip(sources, pieces[name]):
+            shape = tuple(shape)
             if src not in available:
                 raise CheckpointError(
                     f"checkpoint {model_dir!r} is missing tensor {src!r} (expected shape {list(shape)})"
@@ -160,14 +213,18 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
             f"{unexpected[:5]}{more}"
         )
 
-    # 2. read, fuse and convert one tensor at a time
+    # 2. read (this rank's part of each tensor), fuse and convert one tensor at a time
     state = {}
     for name, sources in plan.items():
-        out = torch.empty(params[name].shape, dtype=dtype, device=device)
+        shape = params[name].shape
+        covered = sum(_part_rows(part, shape[0] if len(shape) else 1) for _, part in pieces[name])
+        # rows no checkpoint tensor covers (vocab padding under tensor parallelism) stay zero
+        out = (torch.empty if covered == (shape[0] if len(shape) else 1) else torch.zeros)(
+            shape, dtype=dtype, device=device)
         row = 0
-        for src in sources:
-            rows = ckpt.shape(src)[0]
-            ckpt.read_into(src, out[row:row + rows])
+        for src, (_, part) in zip(sources, pieces[name]):
+            rows = _part_rows(part, ckpt.shape(src)[0])
+            ckpt.read_into(src, out[row:row + rows], part)
             row += rows
         state[name] = out
     model.load_state_dict(state, strict=False, assign=True)
@@ -175,3 +232,23 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
     for name, p in model.named_parameters():
         if p.is_meta:  # cannot happen when the plan covers every parameter; guard the invariant
             raise CheckpointError(f"parameter {name!r} was not loaded")
+
+
+TP_MANIFEST = "zoo-tp-manifest.json"
+TP_FORMAT_VERSION = 1
+
+
+def read_tp_manifest(model_dir: str) -> dict | None:
+    """The manifest of a folder tools/merge_qkv_weight.py wrote, or None for a plain HF folder."""
+    path = os.path.join(model_dir, TP_MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != TP_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {manifest.get('format_version')!r} is not "
+                              f"{TP_FORMAT_VERSION}; re-run tools/merge_qkv_weight.py")
+    for r in range(manifest["tp_size"]):
+        if not os.path.isdir(os.path.join(model_dir, f"rank_{r}")):
+            raise CheckpointError(f"{path} is for tp size {manifest['tp_size']}, but rank_{r}/ is missing")
+    return manifest

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from zoo.layers.linear import QKVParallelLinear, RowParallelLinear
 from zoo.layers.ops import AttentionOps
 from zoo.layers.rotary import apply_rotary
+from zoo.parallel import TPContext
 
 
 @dataclass
@@ -28,13 +30,15 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 qkv_bias: bool = False, o_bias: bool = False):
+                 qkv_bias: bool = False, o_bias: bool = False, tp: TPContext | None = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        # q, k and v projections fused into one matmul: rows [q; k; v]
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        # q, k and v projections fused into one matmul: rows [q; k; v] of this rank's heads
+        self.qkv_proj = QKVParallelLinear(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, tp)
+        # local head counts (all heads when there is no tensor parallelism)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = head_dim
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=o_bias, tp=tp)
         self.ops = AttentionOps()  # a device backend may replace it (see zoo.layers.ops)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,

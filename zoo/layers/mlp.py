@@ -2,14 +2,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from zoo.parallel import TPContext
+
 
 class GatedMLP(nn.Module):
-    """SwiGLU MLP with gate and up projections fused into one matmul: down(silu(gate) * up)."""
+    """SwiGLU MLP with gate and up projections fused into one matmul: down(silu(gate) * up).
+    Column-parallel gate/up, row-parallel down: one all-reduce per MLP under tensor parallelism."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, tp: TPContext | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)  # [gate; up]
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        # [gate; up] (each split across ranks: [gate_r; up_r]), then row-parallel down
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], bias, tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, D]
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [B, S, I] each

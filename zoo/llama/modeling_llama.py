@@ -6,22 +6,28 @@ Two entry points, each compiled into one static-shape graph per bucket:
 Lengths, positions and batch slots are tensors, never Python ints taken from data, so one graph
 serves every prompt length inside its bucket. The KV cache is one k and one v tensor per layer,
 shape [slots, KV, T, hd], passed in and updated in place. Decode row i always uses cache slot i.
+
+Tensor parallelism: the layers take a TPContext (zoo.parallel) and hold this rank's shard
+(zoo.layers.linear / embedding); this file does no rank arithmetic. KV is then this rank's kv heads.
+With no TPContext (or world size 1) every layer is the plain single-device one.
 """
 import torch
 from torch import nn
 
 from zoo.config import ModelConfig
-from zoo.layers import Attention, AttentionMetadata, GatedMLP, RMSNorm, RotaryEmbedding
+from zoo.layers import (Attention, AttentionMetadata, GatedMLP, ParallelLMHead, RMSNorm, RotaryEmbedding,
+                        VocabParallelEmbedding)
+from zoo.parallel import TPContext, as_context
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TPContext):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config.hidden_size, config.num_heads, config.num_kv_heads,
-                                   config.head_dim, config.qkv_bias, config.o_bias)
+                                   config.head_dim, config.qkv_bias, config.o_bias, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, tp)
 
     def forward(self, x, meta: AttentionMetadata, k_cache, v_cache):  # x [B, S, D]
         h = x + self.self_attn(self.input_layernorm(x), meta, k_cache, v_cache)
@@ -29,10 +35,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TPContext):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, meta, k_caches, v_caches):  # [B, S] -> [B, S, D] (before final norm)
@@ -49,11 +55,14 @@ class LlamaForCausalLM(nn.Module):
         "gate_up_proj": ("gate_proj", "up_proj"),
     }
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TPContext | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tp = as_context(tp)
+        self.model = LlamaModel(config, self.tp)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, self.tp)
+        # kv heads this rank's cache holds (all of them without tensor parallelism)
+        self.num_local_kv_heads = self.model.layers[0].self_attn.num_kv_heads
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
     # ---- weights ---------------------------------------------------------------------------
@@ -104,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
         # causal inside the prompt; keys past a row's length are padding
         q_pos, k_pos = positions[:, :, None], positions[:, None, :]  # [B, S, 1], [B, 1, S]
         mask = (k_pos <= q_pos) & (k_pos < lengths[:, None, None])  # [B, S, S]
-        heads = torch.arange(self.config.num_kv_heads, device=device)
+        heads = torch.arange(self.num_local_kv_heads, device=device)
         meta = AttentionMetadata(
             cos, sin,
             kv_write_index=(slot_ids[:, None, None], heads[None, :, None], positions[:, None, :]),
@@ -124,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
         pos = positions[:, None]  # [B, 1]
         cos, sin = self.rotary(pos, positions + 1)
         mask = torch.arange(T, device=device)[None, :] <= pos  # [B, T]
-        heads = torch.arange(self.config.num_kv_heads, device=device)
+        heads = torch.arange(self.num_local_kv_heads, device=device)
         meta = AttentionMetadata(
             cos, sin,
             kv_write_index=(torch.arange(B, device=device)[:, None, None], heads[None, :, None], pos[:, None, :]),

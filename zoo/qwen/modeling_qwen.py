@@ -8,9 +8,10 @@ which Qwen2 configs can switch on, is refused by zoo.config.
 """
 from zoo.config import ModelConfig
 from zoo.llama.modeling_llama import LlamaForCausalLM
+from zoo.parallel import TPContext
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TPContext | None = None):
         assert config.qkv_bias and not config.o_bias, "Qwen2 has q/k/v bias and no o_proj bias"
-        super().__init__(config)
+        super().__init__(config, tp)
