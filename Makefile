@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and pinned: no later step may pull another torch or torch-npu.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,serve]'
+	$(PIP) install -q -e '.[test,serve,bench]'
 	$(PY) -c "import torch, transformers, safetensors; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
 
