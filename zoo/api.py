@@ -319,7 +319,7 @@ class Stream:
     """Iterator of StreamEvents for one stream() call."""
 
     def __init__(self, events: Iterator[StreamEvent], requests: list[Request]):
-        self._events, self._requests = events, requests
+        self._events, self.requests = events, requests
 
     def __iter__(self) -> "Stream":
         return self
@@ -332,7 +332,7 @@ class Stream:
 
     @property
     def results(self) -> list[GenerationResult]:
-        return [r.result() for r in self._requests]
+        return [r.result() for r in self.requests]
 
 
 def _is_single_prompt(prompts) -> bool:

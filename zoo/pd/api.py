@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from zoo.api import Stream
 from zoo.device import collective_backend
 from zoo.engine import GenerationResult, Request, StreamEvent
 from zoo.pd.decoder import Decoder, PulledKV, Timeouts, prompt_ids
@@ -255,21 +256,5 @@ class LLMEngine:
         return self._decoder
 
 
-class PDStream:
-    """Iterator of StreamEvents for one stream() call; .results once it is exhausted."""
-
-    def __init__(self, events: Iterator[StreamEvent], requests: list[Request]):
-        self._events, self.requests = events, requests
-
-    def __iter__(self) -> "PDStream":
-        return self
-
-    def __next__(self) -> StreamEvent:
-        return next(self._events)
-
-    def close(self) -> None:
-        self._events.close()
-
-    @property
-    def results(self) -> list[GenerationResult]:
-        return [r.result() for r in self.requests]
+# stream() returns zoo's own Stream (events + .results), under the name this API exported first
+PDStream = Stream
