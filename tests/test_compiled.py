@@ -59,8 +59,9 @@ def test_no_recompiles_or_graph_breaks_after_warmup_and_tokens_match_eager(model
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-def test_compiled_qwen2_matches_eager(checkpoint):
-    path = checkpoint("qwen2")
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "qwen1"])
+def test_compiled_qwen_generations_match_eager(checkpoint, kind):
+    path = checkpoint(kind)
     buckets = Buckets(batch_sizes=(1,), prefill_lens=(32,))
     compiled = zoo.load(path, max_batch_size=1, max_seq_len=32, buckets=buckets, compiled=True)
     eager = zoo.load(path, max_batch_size=1, max_seq_len=32, buckets=buckets)

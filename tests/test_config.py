@@ -47,9 +47,18 @@ def test_missing_rope_field_is_named():
         parse(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "high_freq_factor": 4.0})
 
 
-def test_sliding_window_in_use_is_refused():
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
+def test_sliding_window_in_use_is_refused(arch):
     with pytest.raises(ConfigError, match=r"use_sliding_window"):
-        parse(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=64, max_window_layers=0)
+        parse(architectures=[arch], use_sliding_window=True, sliding_window=64, max_window_layers=0)
+
+
+def test_qwen3_has_qk_norm_explicit_head_dim_and_optional_bias():
+    c = parse(architectures=["Qwen3ForCausalLM"], head_dim=128)
+    assert c.family == "qwen3" and c.qk_norm and c.head_dim == 128 and not c.qkv_bias and not c.o_bias
+    c = parse(architectures=["Qwen3ForCausalLM"], attention_bias=True)
+    assert c.qkv_bias and c.o_bias
+    assert not parse(architectures=["LlamaForCausalLM"]).qk_norm
 
 
 def test_sliding_window_not_in_use_is_accepted():

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import zoo
 
-KINDS = ["llama3_gqa", "llama2", "qwen2", "llama_linear", "llama_dynamic"]
+KINDS = ["llama3_gqa", "llama2", "qwen2", "qwen3", "qwen3_bias", "llama_linear", "llama_dynamic"]
 PROMPTS = [[3, 17, 42, 99, 7, 250, 11], [5, 9], [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 111, 1, 2]]
 NEW_TOKENS = 40
 
@@ -44,7 +44,7 @@ def test_logits_match_transformers_at_every_step(checkpoint, kind):
     assert max(diffs) <= 1e-4, f"max |zoo - transformers| logits per step: {max(diffs):.3g}"
 
 
-@pytest.mark.parametrize("kind", ["llama3_gqa", "llama2", "qwen2", "llama_dynamic"])
+@pytest.mark.parametrize("kind", ["llama3_gqa", "llama2", "qwen2", "qwen3", "llama_dynamic"])
 def test_greedy_tokens_match_transformers_batch_1(checkpoint, kind):
     path = checkpoint(kind)
     hf = _hf(path)
@@ -56,7 +56,7 @@ def test_greedy_tokens_match_transformers_batch_1(checkpoint, kind):
         assert out.finish_reason == "length" and len(out.token_ids) == NEW_TOKENS
 
 
-@pytest.mark.parametrize("kind", ["llama3_gqa", "llama2", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama3_gqa", "llama2", "qwen2", "qwen3"])
 def test_greedy_tokens_match_transformers_batch_of_3(checkpoint, kind):
     """transformers runs the batch left-padded with an attention mask; zoo right-pads into slots."""
     path = checkpoint(kind)

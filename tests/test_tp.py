@@ -20,7 +20,7 @@ from zoo.graphs import Buckets
 from zoo.loader import CheckpointError
 from zoo.parallel import TPContext, TPWorkerError, run_ranks
 
-from checkpoints import build_checkpoint
+from checkpoints import build_checkpoint, to_qwen1_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[5, 17, 33, 2, 250, 9, 11], [100, 7, 3]]
@@ -96,6 +96,10 @@ def tp_checkpoints(tmp_path_factory):
         # all of it at once (biases, tied, padded vocab, one kv head for two ranks): the compiled test's
         # model (Qwen2's forward is Llama's, so this covers the Llama graph code too)
         "qwen2_kv1": build_checkpoint("qwen2", str(root / "qwen2_kv1"), vocab_size=255, num_key_value_heads=1),
+        # Qwen3: per-head q/k norms (replicated weights) with head-sharded q/k, explicit head_dim
+        "qwen3": build_checkpoint("qwen3", str(root / "qwen3")),
+        # first-generation Qwen: each rank reads its heads' rows out of the fused c_attn
+        "qwen1": to_qwen1_layout(build_checkpoint("qwen2_mha", str(root / "qwen2_mha")), str(root / "qwen1")),
     }
 
 

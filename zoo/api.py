@@ -29,6 +29,8 @@ EMBEDDED_MODELS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2"}
 MODEL_CLASSES = {
     "llama": "zoo.llama.modeling_llama:LlamaForCausalLM",
     "qwen2": "zoo.qwen.modeling_qwen:Qwen2ForCausalLM",
+    "qwen3": "zoo.qwen.modeling_qwen3:Qwen3ForCausalLM",
+    "qwen": "zoo.qwen.modeling_qwen1:QWenLMHeadModel",  # first-generation Qwen (Qwen-7B-Chat)
 }
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -106,9 +108,13 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     max_batch_size = 8 if max_batch_size is None else max_batch_size
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
-    max_seq_len = max_seq_len or min(config.max_position_embeddings, 2048)
+    max_seq_len = max_seq_len or min(config.max_position_embeddings, 2048, config.max_exact_seq_len or 2048)
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+    if config.max_exact_seq_len is not None and max_seq_len > config.max_exact_seq_len:
+        raise ValueError(f"max_seq_len={max_seq_len} is longer than {config.max_exact_seq_len}, the context past which "
+                         f"{config.source} switches on use_dynamic_ntk / use_logn_attn, which zoo does not implement; "
+                         f"use max_seq_len <= {config.max_exact_seq_len}")
     if not isinstance(compile_config, CompileConfig):
         compile_config = load_compile_config(compile_config or default_config_path(config.family, dev.type))
     buckets = buckets or compile_config.buckets(max_batch_size, max_seq_len)

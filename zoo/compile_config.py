@@ -41,7 +41,8 @@ INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOP_LEVEL = {"backend", "mode", "graph_cache", "buckets", "inductor", "torchair"}
 # file-name stem per model family
-_FAMILY_FILES = {"llama": "llama", "qwen2": "qwen"}
+# every Qwen generation compiles with the qwen configs (one modeling code path: Llama's entry points)
+_FAMILY_FILES = {"llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "qwen": "qwen"}
 
 
 class CompileConfigError(ValueError):

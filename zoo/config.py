@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "QWenLMHeadModel": "qwen",  # first-generation Qwen (Qwen-7B-Chat), remote code on the Hub
 }
 
 # rope types and the extra keys each one needs.
@@ -59,6 +61,10 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on each q and k head before rope (Qwen3)
+    # Longest context zoo's math is exact for, when the architecture changes its math past some
+    # length (Qwen-1's dynamic NTK rope and logn attention start past seq_length); None = no limit.
+    max_exact_seq_len: int | None = None
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -103,6 +109,9 @@ class ModelConfig:
                 f"(model_type={raw.get('model_type')!r}); zoo supports: {known}"
             )
         family = ARCHITECTURES[arch]
+        original = raw
+        if family == "qwen":
+            raw = _qwen1_as_llama_fields(raw, source)
 
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
@@ -121,6 +130,12 @@ class ModelConfig:
         if family == "qwen2":
             _refuse_active_sliding_window(raw, source)
             qkv_bias, o_bias, mlp_bias = True, False, False
+        elif family == "qwen3":
+            _refuse_active_sliding_window(raw, source)
+            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
+            mlp_bias = False
+        elif family == "qwen":
+            qkv_bias, o_bias, mlp_bias = True, raw["o_bias"], raw["mlp_bias"]
         else:
             qkv_bias = o_bias = bool(raw.get("attention_bias", False))
             mlp_bias = bool(raw.get("mlp_bias", False))
@@ -145,12 +160,70 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
+            qk_norm=family == "qwen3",
+            max_exact_seq_len=raw.get("max_exact_seq_len"),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             source=source,
-            raw=raw,
+            raw=original,
         )
+
+
+def _qwen1_as_llama_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """A first-generation Qwen config.json (model_type "qwen", QWenLMHeadModel) in the field names
+    the rest of from_dict reads. The architecture is Llama's with a fused, biased c_attn; the
+    differences that matter are in the field conventions:
+      - intermediate_size is twice the MLP width (w1 and w2 are each intermediate_size // 2 wide);
+      - kv_channels is the head size, and kv_channels * num_attention_heads must be hidden_size;
+      - layer_norm_epsilon, rotary_emb_base and seq_length are rms_norm_eps, rope_theta and the
+        training context;
+      - use_dynamic_ntk and use_logn_attn change the math only past seq_length: zoo runs contexts up
+        to seq_length (max_exact_seq_len) when either is on, and refuses longer ones at load time.
+    """
+    def need(key: str):
+        if raw.get(key) is None:
+            raise ConfigError(f"{source}: required field {key!r} is missing")
+        return raw[key]
+
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    head_dim = int(raw.get("kv_channels") or hidden // heads)
+    if head_dim * heads != hidden:
+        raise ConfigError(f"{source}: kv_channels={head_dim} x num_attention_heads={heads} must equal "
+                          f"hidden_size={hidden} (QWenLMHeadModel's c_proj maps one onto the other)")
+    if float(raw.get("rotary_pct", 1.0)) != 1.0:
+        raise ConfigError(f"{source}: rotary_pct={raw['rotary_pct']} is not supported (only 1.0: rope on the whole head)")
+    for flag in ("use_cache_quantization", "use_cache_kernel"):
+        if raw.get(flag):
+            raise ConfigError(f"{source}: {flag}=true is not supported (zoo keeps the KV cache in the model dtype)")
+    intermediate = int(need("intermediate_size"))
+    if intermediate % 2:
+        raise ConfigError(f"{source}: intermediate_size={intermediate} must be even (w1 and w2 are each half of it)")
+    seq_length = int(raw.get("seq_length") or raw.get("max_position_embeddings") or 2048)
+    length_dependent = [f for f in ("use_dynamic_ntk", "use_logn_attn") if raw.get(f)]
+    dtype = raw.get("torch_dtype") or next((name for flag, name in (("bf16", "bfloat16"), ("fp16", "float16"),
+                                                                      ("fp32", "float32")) if raw.get(flag)), None)
+    no_bias = bool(raw.get("no_bias", True))
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,  # no GQA in Qwen-1
+        "head_dim": head_dim,
+        "num_hidden_layers": need("num_hidden_layers"),
+        "vocab_size": need("vocab_size"),
+        "intermediate_size": intermediate // 2,
+        "rms_norm_eps": raw.get("layer_norm_epsilon", 1e-6),
+        "rope_theta": raw.get("rotary_emb_base", 10000.0),
+        "max_position_embeddings": raw.get("max_position_embeddings") or seq_length,
+        "max_exact_seq_len": seq_length if length_dependent else None,
+        "tie_word_embeddings": raw.get("tie_word_embeddings", False),
+        "o_bias": not no_bias,  # c_proj
+        "mlp_bias": not no_bias,  # w1, w2, mlp.c_proj
+        "torch_dtype": dtype,
+        "bos_token_id": raw.get("bos_token_id"),
+        "eos_token_id": raw.get("eos_token_id"),
+        "hidden_act": "silu",
+    }
 
 
 def _refuse_active_sliding_window(raw: dict[str, Any], source: str) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +32,32 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class CheckpointError(ValueError):
     """The checkpoint folder does not hold the tensors the model needs."""
+
+
+@dataclass(frozen=True)
+class CheckpointRows:
+    """Rows [start, stop) of checkpoint tensor `name`, as one source of a parameter: how a modeling
+    file names a piece the checkpoint stores fused with others (Qwen-1's c_attn holds [q; k; v])."""
+
+    name: str
+    start: int
+    stop: int
+
+
+def _source_name(src: "str | CheckpointRows") -> str:
+    return src.name if isinstance(src, CheckpointRows) else src
+
+
+def _rows_of_source(src: "str | CheckpointRows", part):
+    """The read of checkpoint tensor `_source_name(src)` that gives `part` of source `src`."""
+    if not isinstance(src, CheckpointRows):
+        return part
+    if part is None:
+        return (0, src.start, src.stop)
+    dim, first, last = part
+    if dim != 0:
+        raise CheckpointError(f"a column range of rows {src.start}:{src.stop} of {src.name!r} cannot be read")
+    return (0, src.start + first, src.start + last)
 
 
 class SafetensorsCheckpoint:
@@ -193,17 +220,22 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
     used: set[str] = set()
     for name, sources in plan.items():
         for src, (shape, _) in zip(sources, pieces[name]):
-            shape = tuple(shape)
-            if src not in available:
+            shape, src_name = tuple(shape), _source_name(src)
+            if src_name not in available:
                 raise CheckpointError(
-                    f"checkpoint {model_dir!r} is missing tensor {src!r} (expected shape {list(shape)})"
+                    f"checkpoint {model_dir!r} is missing tensor {src_name!r} (expected shape {list(shape)})"
                 )
-            found = ckpt.shape(src)
-            if found != shape:
+            found = ckpt.shape(src_name)
+            if isinstance(src, CheckpointRows):  # rows start:stop of it are this piece
+                if found[1:] != shape[1:] or src.stop - src.start != shape[0] or found[0] < src.stop:
+                    raise CheckpointError(
+                        f"tensor {src_name!r} in {model_dir!r} has shape {list(found)}; expected rows "
+                        f"{src.start}:{src.stop} of shape {list(shape)} in it")
+            elif found != shape:
                 raise CheckpointError(
-                    f"tensor {src!r} in {model_dir!r} has shape {list(found)}, expected {list(shape)}"
+                    f"tensor {src_name!r} in {model_dir!r} has shape {list(found)}, expected {list(shape)}"
                 )
-            used.add(src)
+            used.add(src_name)
     tied_head = "lm_head.weight" if model.config.tie_word_embeddings else None
     unexpected = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES) and n != tied_head)
     if unexpected:
@@ -222,9 +254,9 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
         out = (torch.empty if covered == (shape[0] if len(shape) else 1) else torch.zeros)(
             shape, dtype=dtype, device=device)
         row = 0
-        for src, (_, part) in zip(sources, pieces[name]):
-            rows = _part_rows(part, ckpt.shape(src)[0])
-            ckpt.read_into(src, out[row:row + rows], part)
+        for src, (piece_shape, part) in zip(sources, pieces[name]):
+            rows = _part_rows(part, piece_shape[0] if len(piece_shape) else 1)
+            ckpt.read_into(_source_name(src), out[row:row + rows], _rows_of_source(src, part))
             row += rows
         state[name] = out
     model.load_state_dict(state, strict=False, assign=True)

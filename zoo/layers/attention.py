@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from zoo.layers.linear import QKVParallelLinear, RowParallelLinear
+from zoo.layers.norm import RMSNorm
 from zoo.layers.ops import AttentionOps
 from zoo.layers.rotary import apply_rotary
 from zoo.parallel import TPContext
@@ -30,7 +31,8 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 qkv_bias: bool = False, o_bias: bool = False, tp: TPContext | None = None):
+                 qkv_bias: bool = False, o_bias: bool = False, tp: TPContext | None = None,
+                 qk_norm_eps: float | None = None):
         super().__init__()
         # q, k and v projections fused into one matmul: rows [q; k; v] of this rank's heads
         self.qkv_proj = QKVParallelLinear(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias, tp)
@@ -39,14 +41,23 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=o_bias, tp=tp)
+        # Qwen3: RMSNorm over head_dim of every q and k head, before rope (one weight shared by all heads)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.ops = AttentionOps()  # a device backend may replace it (see zoo.layers.ops)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape  # [B, S, D]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(B, S, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
-        k = k.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
+        q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, H, hd]
+        k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, KV, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, S, hd], [B, KV, S, hd]
         v = v.view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
         q = apply_rotary(q, meta.cos, meta.sin)
         k = apply_rotary(k, meta.cos, meta.sin)

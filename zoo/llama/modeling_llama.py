@@ -25,7 +25,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config.hidden_size, config.num_heads, config.num_kv_heads,
-                                   config.head_dim, config.qkv_bias, config.o_bias, tp)
+                                   config.head_dim, config.qkv_bias, config.o_bias, tp,
+                                   qk_norm_eps=config.rms_norm_eps if config.qk_norm else None)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.mlp_bias, tp)
 
