@@ -31,6 +31,7 @@ from zoo.sampling import SamplingParams
 from zoo.serve.engine_loop import EngineLoop, EngineStopped
 from zoo.serve.metrics import Metrics
 from zoo.serve.protocol import APIError, ChatCompletionBody, CompletionBody, bad_request, parse_body
+from zoo.tokenizer import ChatTemplateError
 
 log = logging.getLogger("zoo.serve")
 
@@ -193,22 +194,28 @@ class _Server:
 
     def chat_requests(self, body: ChatCompletionBody) -> list[EngineRequest]:
         tok = self.model.tokenizer
-        template = self.settings.chat_template
-        if tok is None or (template is None and not getattr(tok.hf, "chat_template", None)):
-            raise bad_request(f"the model `{self.name}` has no chat template (no 'chat_template' in its tokenizer "
+        missing = bad_request(f"the model `{self.name}` has no chat template (no 'chat_template' in its tokenizer "
                               "files), so /v1/chat/completions cannot format messages; use /v1/completions, or "
                               "start the server with --chat-template FILE", param="messages",
                               code="chat_template_missing")
+        if tok is None:
+            raise missing
         try:
-            text = tok.hf.apply_chat_template(body.template_messages(), tokenize=False, add_generation_prompt=True,
-                                              chat_template=template)
+            ids = tok.apply_chat_template(body.template_messages(), template=self.settings.chat_template)
+        except ChatTemplateError:
+            raise missing from None
         except Exception as e:  # jinja2 errors (e.g. a template that insists on alternating roles)
             raise bad_request(f"the chat template could not format these messages: {e}", param="messages") from None
-        ids = list(tok.hf(text, add_special_tokens=False)["input_ids"])  # the template wrote the specials
-        return self._make_requests(body, [ids], [text], body.token_limit, None, "messages")
+        # The reply ends at the end-of-turn token (e.g. <|eot_id|>), which need not be the model's EOS; it
+        # counts as one, so ignore_eos (fixed-length benchmarks) ignores it too, as vLLM does.
+        end_of_turn = () if body.ignore_eos else tuple(tok.chat_stop_token_ids)
+        # No prompt text goes along: nothing in the server reads it back, the ids are what runs.
+        return self._make_requests(body, [ids], [None], body.token_limit, None, "messages",
+                                   stop_token_ids=end_of_turn)
 
     def _make_requests(self, body, encoded: list[list[int]], texts: list[str | None], asked: int | None,
-                       default: int | None, prompt_param: str) -> list[EngineRequest]:
+                       default: int | None, prompt_param: str,
+                       stop_token_ids: tuple[int, ...] = ()) -> list[EngineRequest]:
         stops = body.stop_list()
         queued = self.engine_loop.queued()
         if queued + len(encoded) > self.settings.max_queued_requests:
@@ -220,7 +227,8 @@ class _Server:
             params = SamplingParams(
                 max_new_tokens=max_new,
                 temperature=DEFAULT_TEMPERATURE if body.temperature is None else float(body.temperature),
-                top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops, ignore_eos=body.ignore_eos)
+                top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops, stop_token_ids=stop_token_ids,
+                ignore_eos=body.ignore_eos)
             try:
                 requests.append(self.engine.make_request(i, ids, params, texts[i]))
             except RequestError as e:
