@@ -158,20 +158,27 @@ class Engine:
 
     # ---- one scheduler step ----------------------------------------------------------------
     def step(self) -> None:
-        """Admit waiting requests into free slots (prefill), then decode one token for all running."""
+        """One engine step: admit waiting requests into free slots (prefill) or, when nothing was
+        prefilled, decode one token for all running requests.
+
+        A step that prefilled returns without decoding, so a new request's first token reaches its
+        caller as soon as it exists (a prefill-then-decode step would hold it back for a whole
+        decode); the running requests decode on the next step, at the same total cost."""
         with self.lock:
             try:
-                self._admit()
+                if self._admit():
+                    return
                 if self.running:
                     self._decode_step()
             except Exception as e:
                 self._fail_all(f"{type(e).__name__}: {e}")
                 raise
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
         """Fill free slots: requests prefilled elsewhere are merged in; the others are prefilled
-        here, in groups of up to the largest batch bucket."""
+        here, in groups of up to the largest batch bucket. True when a prefill ran."""
         max_group = self.runner.buckets.batch_sizes[-1]
+        prefilled = False
         while self.waiting and self.cache.num_free():
             if self.waiting[0].prefilled is not None:
                 req = self.waiting.popleft()
@@ -186,6 +193,8 @@ class Engine:
             slots = [self.cache.alloc() for _ in group]
             first = self._prefill(group, slots)
             self._start(group, slots, first)
+            prefilled = True
+        return prefilled
 
     def _prefill(self, group: list[Request], slots: list[int]) -> list[int]:
         """Prefill `group` into `slots` and sample each request's first token."""
