@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 
 class AttentionOps:
-    """Generic PyTorch ops: index_put_ and scaled_dot_product_attention (inductor fuses both)."""
+    """Generic PyTorch ops: index_put_ and scaled_dot_product_attention (inductor fuses both),
+    except for decode on CPU (see decode_attention)."""
 
     name = "generic"
 
@@ -22,4 +23,25 @@ class AttentionOps:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                   is_decode: bool) -> torch.Tensor:
+        if is_decode and q.device.type == "cpu":
+            return decode_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of a few queries over the whole cache as two batched matmuls (GEMVs).
+
+    On CPU, scaled_dot_product_attention's flash kernel is tuned for long queries: for one query
+    over a 2049-position bfloat16 cache it measured 3.4 ms per layer against 0.42 ms for this
+    (16 heads, hd 128, 2 threads), i.e. it, not the weights, dominated a 1B model's decode step.
+    Scores and softmax are float32; the probabilities are cast back to the cache dtype for the
+    second matmul, as transformers' eager attention does.
+    """
+    B, H, S, hd = q.shape  # q [B, H, S, hd]; k, v [B, KV, T, hd]
+    KV = k.shape[1]
+    G = H // KV  # query heads per kv head: grouped so that k / v are read once, not repeated
+    scores = torch.matmul(q.reshape(B, KV, G * S, hd), k.transpose(-1, -2)).float()  # [B, KV, G*S, T]
+    scores = scores.view(B, KV, G, S, -1) * hd ** -0.5
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask [B, 1, S, T] -> [B, 1, 1, S, T]
+    probs = scores.softmax(dim=-1).to(v.dtype).view(B, KV, G * S, -1)
+    return torch.matmul(probs, v).view(B, H, S, hd)  # [B, KV, G*S, hd] -> [B, H, S, hd]
