@@ -147,36 +147,38 @@ def _cold_and_warm(root):
 
 
 @pytest.mark.compiled
-def test_second_process_builds_graphs_5x_faster_and_survives_corruption(tmp_path):
-    """The cache must make building the graphs (compile cold vs cache load warm) >= 5x faster.
-    Load-to-first-token is measured and reported too: it also pays model/tokenizer loading and
-    inductor's per-process overhead, and reaches ~4-5x here (the issue's 5x target is not met yet;
-    only a 3x floor is asserted on it)."""
+def test_second_process_reaches_first_token_5x_faster_and_survives_corruption(tmp_path):
+    """A new process on a warm cache must reach its first token (from zoo.load, so model and
+    tokenizer loading count) >= 5x sooner than on a cold one, and build its graphs >= 5x faster."""
     import zoo
 
     expected = zoo.load(max_batch_size=1, max_seq_len=64).generate("Beautiful is", max_new_tokens=8).token_ids
     # Timing on a shared 2-core machine is noisy: a second full measurement (fresh cache) is taken
     # only if the first one falls short; the bar itself stays at 5x.
-    ratios, busy = [], []
+    graph_ratios, ttft_ratios, busy = [], [], []
     for attempt in range(2):
         root = str(tmp_path / f"cache{attempt}")
         cold, warm, ratio = _cold_and_warm(root)
-        ratios.append(ratio)
-        busy.append(_machine_busy())
         ttft_ratio = cold["seconds"] / min(w["seconds"] for w in warm)
-        assert ttft_ratio >= 3 or _machine_busy(), f"load-to-first-token only {ttft_ratio:.1f}x faster warm"
+        graph_ratios.append(ratio)
+        ttft_ratios.append(ttft_ratio)
+        busy.append(_machine_busy())
         print(f"graph build: cold {cold['graph_seconds']:.2f} s, warm {min(w['graph_seconds'] for w in warm):.2f} s, "
               f"ratio {ratio:.1f}x | load-to-first-token: cold {cold['seconds']:.2f} s, warm "
               f"{min(w['seconds'] for w in warm):.2f} s, ratio {ttft_ratio:.1f}x (to 8 tokens: cold {cold['seconds_8_tokens']:.2f} s, warm "
               f"{min(w['seconds_8_tokens'] for w in warm):.2f} s), 1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         assert cold["tokens"] == expected and all(w["tokens"] == expected for w in warm)
-        if ratio >= 5:
+        if ratio >= 5 and ttft_ratio >= 5:
             break
-    if max(ratios) < 5 and all(busy):
+    # the CPU-ISA probe outcome was recorded by the cold process (what lets warm ones skip the probes)
+    record = json.load(open(os.path.join(cold["dir"], "cpu_isa.json")))
+    assert record["advertised"] and set(record["buildable"]) <= set(record["advertised"])
+    if max(graph_ratios) < 5 and max(ttft_ratios) < 5 and all(busy):
         # Other processes held the cores during every measurement: a speed ratio says nothing then.
-        print(f"ratio not asserted: the machine was saturated by other processes ({ratios})")
+        print(f"ratios not asserted: the machine was saturated by other processes ({graph_ratios}, {ttft_ratios})")
     else:
-        assert max(ratios) >= 5, f"warm graph build only {', '.join(f'{r:.1f}x' for r in ratios)} faster than cold"
+        assert max(graph_ratios) >= 5, f"warm graph build only {', '.join(f'{r:.1f}x' for r in graph_ratios)} faster"
+        assert max(ttft_ratios) >= 5, f"warm first token only {', '.join(f'{r:.1f}x' for r in ttft_ratios)} sooner"
 
     # truncate one compiled artifact: the next process detects it, rebuilds, and still answers right
     sos = [os.path.join(d, f) for d, _, fs in os.walk(cold["dir"]) for f in fs if f.endswith(".so")]

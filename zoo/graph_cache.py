@@ -12,6 +12,12 @@ directory. On open, it re-checks the manifest. A missing manifest (an interrupte
 foreign directory), other key fields, a missing, changed or truncated file, or an unexpected file
 all mean the directory is wiped and rebuilt. A damaged entry costs one cold compile; it never
 crashes the load or feeds inductor bytes zoo did not write.
+
+Inductor also checks, in every new process, which CPU vector ISAs it can build for: it compiles a
+probe per ISA and dlopens each in a child Python (~0.8 s per process here, a quarter of a warm
+start). The first compile into a directory records the outcome (cpu_isa.json, checksummed like
+the rest); when every ISA the CPU advertises passed, later processes compile and load with
+`cpp.vec_isa_ok=True`, which skips the probes and selects the same ISAs.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import zoo
 import zoo.layers
 
 MANIFEST = "zoo-manifest.json"
+ISA_RECORD = "cpu_isa.json"
 FORMAT_VERSION = 1
 _SKIP_DIRS = {"locks"}  # inductor's lock files come and go
 
@@ -153,13 +160,49 @@ class GraphCache:
             previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.dir
             try:
-                yield
+                probes = (_cpu_isa_probed_once(self.dir) if self.fields.get("device", "").startswith("cpu:")
+                          else contextlib.nullcontext())
+                with probes:
+                    yield
                 self.seal()
             finally:
                 if previous is None:
                     os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
                 else:
                     os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+@contextlib.contextmanager
+def _cpu_isa_probed_once(cache_dir: str):
+    """Compile with inductor's CPU-ISA probes skipped when this directory's first compile found
+    every ISA the CPU advertises buildable (see the module docstring); else leave inductor alone.
+    Both the first and the later compiles run under the same setting, so the setting (part of
+    inductor's own cache key) never makes a warm process miss."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    if platform.machine() not in ("x86_64", "AMD64") or inductor_config.cpp.vec_isa_ok is not None:
+        yield  # inductor probes only x86 this way; a user's own setting wins
+        return
+    cpu_flags = cpu_vec_isa.x86_isa_checker()
+    advertised = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                  if all(flag in cpu_flags for flag in str(isa).split())]
+    path = os.path.join(cache_dir, ISA_RECORD)
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("advertised") != advertised:
+        buildable = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]  # the probes, once
+        record = {"advertised": advertised, "buildable": buildable}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+    if record["buildable"] == advertised:
+        with inductor_config.patch({"cpp.vec_isa_ok": True}):
+            yield
+    else:
+        yield
 
 
 def _sha256(path: str) -> str:
