@@ -51,6 +51,17 @@ def make_prompt(vocab_size: int, length: int, row: int) -> list[int]:
     return torch.randint(3, vocab_size, (length,), generator=g).tolist()
 
 
+def _load_takes_export_dir() -> bool:
+    """True when zoo.load(compiled=DIR) loads AOTInductor exports (newer zoo); else the worker wires
+    zoo.aoti.ExportedGraphs into the engine itself."""
+    import inspect
+
+    import zoo
+
+    doc = inspect.getdoc(zoo.load) or ""
+    return "compiled=DIR" in doc
+
+
 # ---- zoo ----------------------------------------------------------------------------------------
 class ZooRunner:
     def __init__(self, cfg: dict):
@@ -59,12 +70,28 @@ class ZooRunner:
         self.cfg = cfg
         self.variant = cfg["variant"]
         t0 = time.perf_counter()
-        self.model = zoo.load(cfg["model_path"], dtype=cfg["dtype"], compiled=self.variant == "zoo_compiled",
-                              max_batch_size=cfg["max_batch_size"], max_seq_len=cfg.get("max_seq_len"),
-                              cache_dir=cfg.get("cache_dir"), verbose=True)
         self.aoti_load_s = None
+        compiled = self.variant == "zoo_compiled"
+        aoti_api = self.variant == "zoo_aoti" and _load_takes_export_dir()
+        if aoti_api:
+            compiled = cfg["export_dir"]  # zoo.load(compiled=DIR): the exported graphs, no tracing
+        kwargs = dict(dtype=cfg["dtype"], max_batch_size=cfg["max_batch_size"], max_seq_len=cfg.get("max_seq_len"),
+                      cache_dir=cfg.get("cache_dir"), verbose=True)
+        try:
+            self.model = zoo.load(cfg["model_path"], compiled=compiled, **kwargs)
+        except ValueError as e:
+            if not aoti_api:
+                raise
+            # zoo.load(compiled=DIR) wants the export's buckets to reach max_batch_size / max_seq_len;
+            # the bench exports only batch 1 x one prompt length, so wire the graphs in by hand
+            _log(f"zoo.load(compiled=DIR) refused the bench export ({e}); loading the graphs with zoo.aoti")
+            aoti_api = False
+            self.model = zoo.load(cfg["model_path"], compiled=False, **kwargs)
         if self.variant == "zoo_aoti":
-            self._use_exported_graphs(cfg["export_dir"])
+            if aoti_api:
+                self.buckets = self.model.engine.runner.buckets
+            else:
+                self._use_exported_graphs(cfg["export_dir"])
         self.load_s = time.perf_counter() - t0
         self.vocab = self.model.config.vocab_size
 

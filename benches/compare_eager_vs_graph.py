@@ -418,6 +418,9 @@ def summarize_group(group: dict) -> None:
                 achieved = group["weights"]["streamed_bytes"] * st["median"] / 1e9
                 group["bandwidth"][v] = {"achieved_gbs": achieved, "roofline_gbs": group["roofline_gbs"],
                                          "fraction": achieved / group["roofline_gbs"], "tok_s": st["median"]}
+                if probes:  # the typical bandwidth while the group ran (neighbours share the host's memory)
+                    med = group["probe_read_gbs"]["median"]
+                    group["bandwidth"][v].update(median_probe_gbs=med, fraction_of_median_probe=achieved / med)
     # greedy tokens vs transformers eager (first repetition, batch 1 decode)
     ref = {s["variant"]: s.get("token_ids") for s in group["samples"]
            if s["op"] == "decode" and s.get("batch") == 1 and s.get("token_ids")}
@@ -465,7 +468,9 @@ def run_warm_start(spec: _models.ModelSpec, dtype: str, args, log_path: str, exp
                 cfg = {**base, "variant": v, "export_dir": export_dir}
                 for _ in range(reps):
                     entry["warm"].append(M.run_start_probe(cfg, log_path))
-                entry["note_kind"] = "no compile cache involved" if v == "zoo_eager" else "exported graphs"
+                entry["note"] = ("zoo eager: no graphs to compile or load (the floor for a start-up)" if v == "zoo_eager"
+                                 else "zoo AOTI: graphs exported ahead of time once (python -m zoo.export), loaded "
+                                      "without tracing; 'cold' does not apply")
         except (M.WorkerError, subprocess.TimeoutExpired) as e:
             entry["error"] = str(e)
             _log(f"   {v}: {e}")
