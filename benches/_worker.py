@@ -103,7 +103,7 @@ class ZooRunner:
         engine = self.model.engine
         graphs = ExportedGraphs.load(export_dir, self.model.module, engine.cache)
         self.aoti_load_s = graphs.load_seconds
-        buckets = Buckets(tuple(graphs.batch_sizes), tuple(graphs.prefill_lens))
+        buckets = Buckets(tuple(graphs.batch_sizes), tuple(graphs.prefill_lens), tuple(graphs.context_lens))
         engine.runner = GraphRunner(graphs.prefill, graphs.decode, engine.cache, buckets, compiled=False,
                                     description=f"AOTInductor {export_dir}")
         self.buckets = buckets

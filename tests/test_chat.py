@@ -318,20 +318,21 @@ def test_a_message_too_long_on_its_own_is_reported_and_the_chat_goes_on(capsys, 
 # ---- compiled mode's warm-up -------------------------------------------------------------------
 class _WarmUpProbe:
     def __init__(self):
-        self.buckets = Buckets((1, 2, 4), (32, 64))
+        self.buckets = Buckets((1, 2, 4), (32, 64), context_lens=(16, 32, 64))
         self.max_seq_len = 64
         self.tokenizer = cached_model(embedded_model_path("llama")).tokenizer
         self.warmed = []
 
-    def warmup(self, batch_sizes, prompt_lens):
-        self.warmed.append((batch_sizes, prompt_lens))
+    def warmup(self, batch_sizes, prompt_lens, context_lens):
+        self.warmed.append((batch_sizes, prompt_lens, context_lens))
 
 
 def test_warm_up_measures_chat_token_ids_and_text_prompts():
     probe = _WarmUpProbe()
-    zoo.cli._warm_up_for(probe, [list(range(10)), list(range(21)), list(range(3))])
-    zoo.cli._warm_up_for(probe, ["Beautiful is"])
-    assert probe.warmed == [([4], [21]), ([1], [len(probe.tokenizer.encode("Beautiful is"))])]
+    zoo.cli._warm_up_for(probe, [list(range(10)), list(range(21)), list(range(3))], 8)
+    zoo.cli._warm_up_for(probe, ["Beautiful is"], 8)
+    # the decode contexts a generation of 8 more tokens can reach: 21 + 8 -> up to 32; 3 + 8 -> 16
+    assert probe.warmed == [([4], [21], [16, 32]), ([1], [len(probe.tokenizer.encode("Beautiful is"))], [16])]
 
 
 @pytest.mark.compiled

@@ -37,7 +37,10 @@ def test_cpu_defaults_and_dtype_specific_options():
 def test_buckets_are_cut_at_and_extended_to_the_maxima(tmp_path):
     c = load_compile_config(write(tmp_path, "[buckets]\nbatch_sizes = [1, 4, 16]\nprefill_lens = [64, 128]\n"))
     b = c.buckets(max_batch_size=8, max_seq_len=100)
-    assert (b.batch_sizes, b.prefill_lens) == ((1, 4, 8), (64, 100))
+    assert (b.batch_sizes, b.prefill_lens, b.context_lens) == ((1, 4, 8), (64, 100), ())  # no contexts: whole cache
+    c = load_compile_config(write(tmp_path, "[buckets]\ncontext_lens = [32, 256, 4096]\n"))
+    b = c.buckets(max_batch_size=8, max_seq_len=1000)
+    assert b.context_lens == (32, 256, 1000) and b.context_len_for(33) == 256 and b.context_len_for(999) == 1000
 
 
 @pytest.mark.parametrize("text, message", [
@@ -49,6 +52,7 @@ def test_buckets_are_cut_at_and_extended_to_the_maxima(tmp_path):
     ("[inductor.bfloat16]\nfreezin = true\n", r"key 'inductor.bfloat16.freezin' is not a torch._inductor.config option"),
     ("[buckets]\nbatch_sizes = [4, 2]\n", r"key 'buckets.batch_sizes' must be a non-empty increasing list"),
     ("[buckets]\nseq = [4]\n", r"key 'buckets.seq' is not a bucket key"),
+    ("backend = 'torchair'\n[buckets]\ncontext_lens = [256]\n", r"'buckets.context_lens' is not supported by the torchair"),
     ("[torchair]\nfrozen = true\n", r"\[torchair\] unknown torchair option 'frozen'"),
     ("[torchair]\nfrozen_parameter = 1\n", r"\[torchair\] torchair option 'frozen_parameter' must be bool"),
     ("[torchair]\nmode = 'max-autotune'\nstatic_kernel_compile = true\n", r"only takes effect with mode"),

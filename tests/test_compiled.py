@@ -10,7 +10,8 @@ from zoo.graphs import Buckets
 
 pytestmark = pytest.mark.compiled
 
-BUCKETS = Buckets(batch_sizes=(1, 2, 4), prefill_lens=(32, 64))
+# decode context buckets 32 and 64: the mixes below (prompts up to 31 tokens + 24 new) cross from one to the other
+BUCKETS = Buckets(batch_sizes=(1, 2, 4), prefill_lens=(32, 64), context_lens=(32, 64))
 MIXES = [
     [[3, 17, 42, 99, 7]],
     [[5, 9], list(range(10, 40))],
@@ -24,14 +25,15 @@ def models(checkpoint):
     path = checkpoint("llama3_gqa")
     compiled = zoo.load(path, max_batch_size=4, max_seq_len=64, buckets=BUCKETS, compiled=True)
     compiled.warmup(batch_sizes=[1, 2, 4], prompt_lens=[32])
-    eager = zoo.load(path, max_batch_size=4, max_seq_len=64, buckets=BUCKETS)
+    # eager attends over the whole cache: context buckets must not change a single token
+    eager = zoo.load(path, max_batch_size=4, max_seq_len=64, buckets=Buckets((1, 2, 4), (32, 64)))
     return compiled, eager
 
 
 def test_warmup_built_one_graph_per_bucket(models):
     compiled, _ = models
     assert sorted(compiled.engine.runner.first_call_seconds) == sorted(
-        [("prefill", b, 32) for b in (1, 2, 4)] + [("decode", b) for b in (1, 2, 4)])
+        [("prefill", b, 32) for b in (1, 2, 4)] + [("decode", b, L) for b in (1, 2, 4) for L in (32, 64)])
     assert compiled.compile_seconds > 0
 
 

@@ -43,7 +43,8 @@ def exported(tmp_path_factory):
     path = build_checkpoint("llama3_gqa", str(root / "model"), vocab_size=VOCAB)
     out = str(root / "graphs")
     cmd = [sys.executable, "-m", "zoo.export", "--model-path", path, "--out", out, "--max-batch-size", "1",
-           "--max-seq-len", str(MAX_SEQ_LEN), "--batch-sizes", "1", "--prefill-lens", "32", "--dtype", "float32"]
+           "--max-seq-len", str(MAX_SEQ_LEN), "--batch-sizes", "1", "--prefill-lens", "32", "--dtype", "float32",
+           "--context-lens", "none"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == out  # the finished folder on stdout ...
@@ -206,3 +207,19 @@ def test_zoo_load_from_an_export_dir_generates_eager_tokens_without_compiling(ex
     assert counters["stats"]["unique_graphs"] == graphs_before  # nothing traced or compiled
     with pytest.raises(ValueError, match=r"max_batch_size=4 was asked for, but the graphs .* max_batch_size=1"):
         zoo.load(path, compiled=out, max_batch_size=4)
+
+
+def test_exported_context_buckets_give_the_eager_tokens(exported, tmp_path):
+    """Decode graphs exported per context bucket (16, 32): zoo.load(compiled=DIR) picks the bucket
+    each step, across the boundary, with the tokens of eager zoo."""
+    from zoo.aoti import export_graphs
+
+    path, _ = exported
+    model = zoo.load(path, max_batch_size=1, max_seq_len=MAX_SEQ_LEN, buckets=zoo.Buckets((1,), (32,), (16, 32)))
+    out = export_graphs(model, str(tmp_path / "ctx"), [1], [32], [16, 32])
+    files = sorted(g["file"] for g in _read_json(os.path.join(out, "manifest.json"))["graphs"]["decode"])
+    assert files == ["decode_b1_c16.pt2", "decode_b1_c32.pt2"]
+    exported_model = zoo.load(path, compiled=out)
+    assert exported_model.buckets.context_lens == (16, 32)
+    got = exported_model.generate(PROMPT, max_new_tokens=20).token_ids  # 8 + 20 tokens: crosses 16
+    assert got == zoo.load(path, max_batch_size=1, max_seq_len=MAX_SEQ_LEN).generate(PROMPT, max_new_tokens=20).token_ids

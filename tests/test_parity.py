@@ -72,3 +72,19 @@ def test_greedy_tokens_match_transformers_batch_of_3(checkpoint, kind):
     outs = model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     for i, out in enumerate(outs):
         assert out.token_ids == ref[i, width:].tolist(), f"prompt {i}"
+
+
+def test_decode_context_buckets_match_transformers(checkpoint):
+    """Decode attends over the smallest context bucket holding every running sequence: generations
+    that cross buckets (16 -> 32 -> 64) give transformers' tokens, batch 1 and a batch of 3."""
+    from zoo.graphs import Buckets
+
+    path = checkpoint("llama3_gqa")
+    hf = _hf(path)
+    buckets = Buckets((1, 2, 4), (32, 64, 128), context_lens=(16, 32, 64, 128))
+    model = zoo.load(path, max_batch_size=4, max_seq_len=128, buckets=buckets)
+    outs = model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    for prompt, out in zip(PROMPTS, outs):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        assert out.token_ids == ref[0, len(prompt):].tolist()
+    assert model.engine.runner.buckets.context_len_for(len(PROMPTS[2]) + NEW_TOKENS) == 64

@@ -16,7 +16,8 @@ The KV caches are graph inputs that the graphs write in place (index_put_), exac
 Layout of an export folder:
   manifest.json             versions, config hash, dtype, cache geometry, buckets, graph files
   prefill_b{B}_s{S}.pt2     one per (batch bucket B, prompt-length bucket S)
-  decode_b{B}.pt2           one per batch bucket B
+  decode_b{B}.pt2           one per batch bucket B (attending over the whole cache), or, with
+  decode_b{B}_c{L}.pt2      context buckets, one per (B, context bucket L)
 """
 from __future__ import annotations
 
@@ -84,12 +85,13 @@ class _PrefillGraph(nn.Module):
 
 
 class _DecodeGraph(nn.Module):
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, context_len: int | None = None):
         super().__init__()
         self.lm = lm
+        self.context_len = context_len  # a constant of this graph (None: the whole cache)
 
     def forward(self, input_ids, positions, k_caches, v_caches):
-        return self.lm.decode(input_ids, positions, k_caches, v_caches)
+        return self.lm.decode(input_ids, positions, k_caches, v_caches, context_len=self.context_len)
 
 
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -183,12 +185,19 @@ def _export_one(wrapper: nn.Module, args: tuple, package_path: str, tensors: dic
     return constants
 
 
-def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_lens: list[int]) -> str:
+def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_lens: list[int],
+                  context_lens: list[int] = ()) -> str:
     """Export the model's prefill graph for every (B in batch_sizes, S in prefill_lens) and its decode
-    graph for every B, as AOTInductor packages under out_dir, plus out_dir/manifest.json. Returns out_dir."""
+    graph for every B (and every context bucket L in context_lens, which must end at max_seq_len;
+    none: decode attends over the whole cache), as AOTInductor packages under out_dir, plus
+    out_dir/manifest.json. Returns out_dir."""
     module, cache = model.module, model.engine.cache
     batch_sizes = _check_buckets("batch_sizes", batch_sizes, cache.num_slots, "max_batch_size")
     prefill_lens = _check_buckets("prefill_lens", prefill_lens, cache.max_seq_len, "max_seq_len")
+    if context_lens:
+        context_lens = _check_buckets("context_lens", context_lens, cache.max_seq_len, "max_seq_len")
+        if context_lens[-1] != cache.max_seq_len:
+            raise ValueError(f"context_lens {list(context_lens)} must end at max_seq_len={cache.max_seq_len}")
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(manifest_path):
@@ -196,7 +205,8 @@ def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_
 
     module.eval()
     tensors = _module_tensors(module)
-    jobs = [("prefill", B, S) for B in batch_sizes for S in prefill_lens] + [("decode", B, None) for B in batch_sizes]
+    jobs = [("prefill", B, S) for B in batch_sizes for S in prefill_lens]
+    jobs += [("decode", B, L) for B in batch_sizes for L in (context_lens or [None])]
     graphs = {"prefill": [], "decode": []}
     constants: dict[str, dict] = {}
     start = time.perf_counter()
@@ -204,22 +214,25 @@ def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_
         if kind == "prefill":
             file, wrapper, args = f"prefill_b{B}_s{S}.pt2", _PrefillGraph(module), _prefill_inputs(cache, B, S)
         else:
-            file, wrapper, args = f"decode_b{B}.pt2", _DecodeGraph(module), _decode_inputs(cache, B)
-        what = f"{kind} graph for batch {B}" + (f", length {S}" if S else "")
+            file = f"decode_b{B}.pt2" if S is None else f"decode_b{B}_c{S}.pt2"
+            wrapper, args = _DecodeGraph(module, S), _decode_inputs(cache, B)
+        what = f"{kind} graph for batch {B}" + (f", {'length' if kind == 'prefill' else 'context'} {S}" if S else "")
         _log(f"[{i}/{len(jobs)}] exporting {what} with AOTInductor -> {file}")
         t0 = time.perf_counter()
         with _zoo_inductor_cache_dir():
             constants.update(_export_one(wrapper, args, os.path.join(out_dir, file), tensors))
         size = os.path.getsize(os.path.join(out_dir, file))
         _log(f"  ... {time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB")
-        shape = {"batch_size": B} if S is None else {"batch_size": B, "prefill_len": S}
+        shape = {"batch_size": B} if S is None else {"batch_size": B, f"{kind}_len" if kind == "prefill" else
+                                                     "context_len": S}
         graphs[kind].append({**shape, "file": file, "bytes": size})
 
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **_identity(module, cache),
-        "buckets": {"batch_sizes": list(batch_sizes), "prefill_lens": list(prefill_lens)},
+        "buckets": {"batch_sizes": list(batch_sizes), "prefill_lens": list(prefill_lens),
+                    "context_lens": list(context_lens)},
         "graphs": graphs,
         "constants": constants,  # what load feeds from the module: FQN -> shape, dtype
         "inductor_configs": INDUCTOR_CONFIGS,
@@ -297,8 +310,9 @@ class ExportedGraphs:
         self.export_dir, self.manifest, self.load_seconds = export_dir, manifest, load_seconds
         self.batch_sizes: tuple[int, ...] = tuple(manifest["buckets"]["batch_sizes"])
         self.prefill_lens: tuple[int, ...] = tuple(manifest["buckets"]["prefill_lens"])
+        self.context_lens: tuple[int, ...] = tuple(manifest["buckets"].get("context_lens", ()))
         self._prefill_runners = prefill_runners  # (B, S) -> AOTIModelPackageLoader
-        self._decode_runners = decode_runners  # B -> AOTIModelPackageLoader
+        self._decode_runners = decode_runners  # (B, context L or None) -> AOTIModelPackageLoader
         # The runners hold raw pointers to these tensors (user_managed): keep them alive with us.
         self._constants = constants
         self._cache_shape, self._device = tuple(cache.k[0].shape), cache.k[0].device
@@ -345,7 +359,8 @@ class ExportedGraphs:
         try:
             prefill = {(g["batch_size"], g["prefill_len"]): open_graph(g, 3 + 2 * n_layers)
                        for g in manifest["graphs"]["prefill"]}
-            decode = {g["batch_size"]: open_graph(g, 2 + 2 * n_layers) for g in manifest["graphs"]["decode"]}
+            decode = {(g["batch_size"], g.get("context_len")): open_graph(g, 2 + 2 * n_layers)
+                      for g in manifest["graphs"]["decode"]}
         except (KeyError, TypeError) as e:
             raise ValueError(f"{os.path.join(export_dir, MANIFEST)!r} is corrupt: bad graphs entry ({e!r})") from None
         used = {fqn: tensors[fqn] for fqn in manifest["constants"]}
@@ -363,13 +378,16 @@ class ExportedGraphs:
         self._check_caches(k_caches, v_caches)
         return runner.run([input_ids, lengths, slot_ids, *k_caches, *v_caches])[0]
 
-    def decode(self, input_ids, positions, k_caches, v_caches) -> torch.Tensor:
-        """input_ids [B, 1] long, positions [B] -> logits [B, V] float32; writes k/v in place."""
+    def decode(self, input_ids, positions, k_caches, v_caches, context_len: int | None = None) -> torch.Tensor:
+        """input_ids [B, 1] long, positions [B] -> logits [B, V] float32; writes k/v in place.
+        context_len: the context bucket (one of the exported context_lens, or None without them)."""
         shape = tuple(input_ids.shape)
-        runner = self._decode_runners.get(shape[0]) if len(shape) == 2 and shape[1] == 1 else None
+        ok = len(shape) == 2 and shape[1] == 1
+        runner = self._decode_runners.get((shape[0], context_len)) if ok else None
         if runner is None:
-            raise ValueError(f"no exported decode graph for input_ids of shape {list(shape)}; exported "
-                             f"buckets: [B, 1] for batch sizes {list(self.batch_sizes)}")
+            raise ValueError(f"no exported decode graph for input_ids of shape {list(shape)} and context "
+                             f"{context_len}; exported buckets: [B, 1] for batch sizes {list(self.batch_sizes)}"
+                             f", contexts {list(self.context_lens) or 'whole cache'}")
         self._check_inputs(shape[0], input_ids=input_ids, positions=positions)
         self._check_caches(k_caches, v_caches)
         return runner.run([input_ids, positions, *k_caches, *v_caches])[0]

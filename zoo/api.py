@@ -102,7 +102,8 @@ def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | tor
     exported = _read_export(compiled, max_batch_size, max_seq_len) if isinstance(compiled, str) else None
     if exported is not None:
         max_batch_size, max_seq_len = exported["cache"]["num_slots"], exported["cache"]["max_seq_len"]
-        buckets = Buckets(tuple(exported["buckets"]["batch_sizes"]), tuple(exported["buckets"]["prefill_lens"]))
+        buckets = Buckets(tuple(exported["buckets"]["batch_sizes"]), tuple(exported["buckets"]["prefill_lens"]),
+                          tuple(exported["buckets"].get("context_lens", ())))
         dtype = dtype or _DTYPES[exported["dtype"]]
     dtype = dtype or default_dtype(dev, config.torch_dtype)
     max_batch_size = 8 if max_batch_size is None else max_batch_size
@@ -247,11 +248,12 @@ class Model:
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
 
-    def warmup(self, batch_sizes: Sequence[int] | None = None, prompt_lens: Sequence[int] | None = None) -> None:
-        """Build the graphs for these buckets now (default: all). After this, generating inside them
-        compiles nothing."""
+    def warmup(self, batch_sizes: Sequence[int] | None = None, prompt_lens: Sequence[int] | None = None,
+               context_lens: Sequence[int] | None = None) -> None:
+        """Build the graphs for these buckets now (default: all; context_lens are the decode context
+        buckets, see zoo.graphs.Buckets). After this, generating inside them compiles nothing."""
         with self.engine.lock:
-            self.engine.runner.warmup(batch_sizes, prompt_lens)
+            self.engine.runner.warmup(batch_sizes, prompt_lens, context_lens=context_lens)
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,

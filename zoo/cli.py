@@ -205,7 +205,7 @@ def _generate(model, args, prompts) -> int:
             return 2
         sampling = _with_chat_stops(model, sampling)
     if args.compiled and model.tokenizer is not None:
-        _warm_up_for(model, inputs)
+        _warm_up_for(model, inputs, args.max_new_tokens)
     try:
         if args.json:
             _run_json(model, inputs, prompts, conversations, sampling)
@@ -226,14 +226,18 @@ def _heads(prompts: list[str], chat: bool) -> list[str]:
     return [f"\n--- [{i}] {p}" + ("\n" if chat else "") for i, p in enumerate(prompts)]
 
 
-def _warm_up_for(model, inputs) -> None:
-    """Compile the graphs these prompts (texts or token ids) start with, so the timings below exclude
-    compiling (a bucket first reached later, e.g. a smaller decode batch, still compiles on first use)."""
+def _warm_up_for(model, inputs, max_new_tokens: int) -> None:
+    """Compile the graphs these prompts (texts or token ids) start with, and the decode context
+    buckets they can reach, so the timings below exclude compiling (a bucket first reached later,
+    e.g. a smaller decode batch, still compiles on first use)."""
     buckets = model.buckets
     longest = max(len(p) if isinstance(p, list) else len(model.tokenizer.encode(p)) for p in inputs)
     if longest >= model.max_seq_len:
         return  # generate() reports the too-long prompt
-    model.warmup(batch_sizes=[buckets.batch_for(min(len(inputs), buckets.batch_sizes[-1]))], prompt_lens=[longest])
+    reach = min(longest + max_new_tokens, model.max_seq_len)
+    contexts = [c for c in buckets.context_lens if c <= buckets.context_len_for(reach)] or None
+    model.warmup(batch_sizes=[buckets.batch_for(min(len(inputs), buckets.batch_sizes[-1]))], prompt_lens=[longest],
+                 context_lens=contexts)
 
 
 def _run_json(model, inputs, prompts, conversations, sampling) -> None:

@@ -10,6 +10,7 @@ One file per family x device ships in zoo/compile_configs/ (llama.cpu.toml, qwen
     [buckets]                       # optional; cut at / extended to max_batch_size and max_seq_len
     batch_sizes = [1, 2, 4, 8]
     prefill_lens = [32, 64, 128, 256, 512, 1024, 2048]
+    context_lens = [256, 512, 1024, 2048]   # decode attends over the first L positions; omit = all
 
     [inductor]                      # torch._inductor.config options, for every dtype
     cpp_wrapper = true
@@ -57,6 +58,7 @@ class CompileConfig:
     graph_cache: bool = True
     batch_sizes: tuple[int, ...] | None = None
     prefill_lens: tuple[int, ...] | None = None
+    context_lens: tuple[int, ...] | None = None
     inductor: dict = field(default_factory=dict)  # for every dtype
     inductor_by_dtype: dict = field(default_factory=dict)  # dtype name -> options on top
     torchair: dict = field(default_factory=dict)
@@ -73,7 +75,8 @@ class CompileConfig:
     def buckets(self, max_batch_size: int, max_seq_len: int) -> Buckets:
         default = Buckets.default(max_batch_size, max_seq_len)
         return Buckets(_fit(self.batch_sizes, max_batch_size) or default.batch_sizes,
-                       _fit(self.prefill_lens, max_seq_len) or default.prefill_lens)
+                       _fit(self.prefill_lens, max_seq_len) or default.prefill_lens,
+                       _fit(self.context_lens, max_seq_len) or ())
 
     def fingerprint(self) -> dict:
         """The parts that change compiled code (not the file path), for the graph-cache key."""
@@ -128,13 +131,17 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
         fail("buckets", "must be a table")
     sizes = {}
     for key, values in buckets.items():
-        if key not in ("batch_sizes", "prefill_lens"):
-            fail(f"buckets.{key}", "is not a bucket key (known: batch_sizes, prefill_lens)")
+        if key not in ("batch_sizes", "prefill_lens", "context_lens"):
+            fail(f"buckets.{key}", "is not a bucket key (known: batch_sizes, prefill_lens, context_lens)")
         if (not isinstance(values, list) or not values or any(type(v) is not int or v < 1 for v in values)
                 or values != sorted(set(values))):
             fail(f"buckets.{key}", f"must be a non-empty increasing list of positive ints, got {values!r}")
         sizes[key] = tuple(values)
 
+    if backend == "torchair" and "context_lens" in sizes:
+        # torchair's cached decode functions take no context length (and IFA on a sliced cache view
+        # has not run on hardware): Ascend decode attends over the whole cache
+        fail("buckets.context_lens", "is not supported by the torchair backend")
     inductor, by_dtype = _parse_inductor(raw.get("inductor", {}), fail)
     torchair = raw.get("torchair", {})
     if not isinstance(torchair, dict):
@@ -145,7 +152,7 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
         raise CompileConfigError(f"{source}: [torchair] {e}") from None
 
     return CompileConfig(source, backend, mode, graph_cache, sizes.get("batch_sizes"), sizes.get("prefill_lens"),
-                         inductor, by_dtype, torchair)
+                         sizes.get("context_lens"), inductor, by_dtype, torchair)
 
 
 def _parse_inductor(table, fail) -> tuple[dict, dict]:

@@ -254,7 +254,9 @@ class Engine:
 
     def _decode_step(self) -> None:
         B = self.runner.buckets.batch_for(max(self.running) + 1)
-        logits = self.runner.decode(self.tokens[:B], self.positions[:B])  # [B, V]
+        # the longest running sequence, counting the token fed now (host bookkeeping: no sync)
+        context = max(len(r.prompt_ids) + len(r.output_ids) for r in self.running.values())
+        logits = self.runner.decode(self.tokens[:B], self.positions[:B], context)  # [B, V]
         rows = list(range(B))
         next_tokens = self._sample(logits, torch.arange(B, device=logits.device),
                                    [self.running.get(i) for i in rows])

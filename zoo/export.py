@@ -21,6 +21,10 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _context_lens(text: str) -> list[int]:
+    return [] if text.strip().lower() == "none" else _int_list(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m zoo.export",
@@ -36,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch buckets, e.g. 1,2,4 (default: the model's, as zoo.load picks them)")
     p.add_argument("--prefill-lens", type=_int_list,
                    help="prompt-length buckets, e.g. 32,64 (default: the model's, as zoo.load picks them)")
+    p.add_argument("--context-lens", type=_context_lens,
+                   help="decode context buckets ending at max_seq_len, e.g. 256,512 (default: the model's, as "
+                        "zoo.load picks them); 'none' = decode attends over the whole cache, one graph per batch")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--device", default="cpu", help="cpu (tested) | cuda[:N]")
     return p
@@ -57,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
                      max_batch_size=max_batch_size, max_seq_len=max_seq_len, verbose=True)
         # Unless the lists are given, the buckets zoo.load chose for this model (its compile config's).
         buckets = model.engine.runner.buckets
+        contexts = args.context_lens if args.context_lens is not None else list(buckets.context_lens)
         export_graphs(model, args.out, args.batch_sizes or list(buckets.batch_sizes),
-                      args.prefill_lens or list(buckets.prefill_lens))
+                      args.prefill_lens or list(buckets.prefill_lens), contexts)
     except (FileNotFoundError, ConfigError, CheckpointError, DeviceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

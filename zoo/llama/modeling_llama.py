@@ -124,13 +124,15 @@ class LlamaForCausalLM(nn.Module):
         h_last = h[torch.arange(B, device=device), lengths - 1]  # [B, D] last real token per row
         return self._logits(h_last)
 
-    def decode(self, input_ids, positions, k_caches, v_caches):
+    def decode(self, input_ids, positions, k_caches, v_caches, context_len: int | None = None):
         """One new token per slot. input_ids [B, 1]; positions [B] where each token goes (rows of
-        idle slots point at the cache's scratch column T-1, which no real row ever attends to)."""
+        idle slots point at the cache's scratch column T-1, which no real row ever attends to).
+        context_len (static: one graph per value): attend over cache positions [0, context_len)
+        only, which must hold every real row's position; None = the whole cache."""
         input_ids = input_ids.clone()
         B = input_ids.shape[0]
         device = input_ids.device
-        T = k_caches[0].shape[2]
+        T = context_len or k_caches[0].shape[2]  # attended positions
         pos = positions[:, None]  # [B, 1]
         cos, sin = self.rotary(pos, positions + 1)
         mask = torch.arange(T, device=device)[None, :] <= pos  # [B, T]
@@ -138,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
         meta = AttentionMetadata(
             cos, sin,
             kv_write_index=(torch.arange(B, device=device)[:, None, None], heads[None, :, None], pos[:, None, :]),
-            mask=mask[:, None, None, :], attend_to_cache=True,
+            mask=mask[:, None, None, :], attend_to_cache=True, context_len=T,
         )
         h = self.model(input_ids, meta, k_caches, v_caches)  # [B, 1, D]
         return self._logits(h[:, 0])
