@@ -209,15 +209,21 @@ def markdown(results: dict) -> str:
     ws = results.get("warm_start", [])
     if ws:
         lines += ["## Start-up: new process, load -> first token", "",
-                  "Each probe is a fresh `python` process; the time runs from just before the load call (zoo.load /"
-                  " from_pretrained) to the first generated token. Cold = empty graph cache and inductor cache "
-                  "(temporary dirs); warm = the same dirs, filled by the cold run.", "",
-                  "| model | variant | cold (s) | warm (s, median) | speed-up | warm: second token (s) | warm process wall (s) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "Each probe is a fresh `python` process; the time runs from the load call (zoo.load /"
+                  " from_pretrained; the library is imported just before) to the first generated token. Cold = empty "
+                  "graph cache and inductor cache (temporary dirs); warm = the same dirs, filled by the cold run. The "
+                  "process wall columns time the whole process instead (python, torch and library imports, load, "
+                  "two tokens, exit).", "",
+                  "| model | variant | cold (s) | warm (s, median) | speed-up | warm: second token (s) "
+                  "| process wall cold / warm (s) | process speed-up |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for w in ws:
+            walls = (f"{_num(w.get('cold_process_wall_s'))} / {_num(w.get('warm_process_wall_s'))}"
+                     if w.get("cold_process_wall_s") else _num(w.get("warm_process_wall_s")))
+            ps = w.get("process_speedup")
             lines.append(f"| {w['model']} {w['dtype']} | {label(w['variant'])} | {_num(w.get('cold_s'))} | "
                          f"{_num(w.get('warm_s'), 2)} | {_num(w.get('speedup'))}{'x' if w.get('speedup') else ''} | "
-                         f"{_num(w.get('warm_second_token_s'), 2)} | {_num(w.get('warm_process_wall_s'))} |")
+                         f"{_num(w.get('warm_second_token_s'), 2)} | {walls} | {_num(ps)}{'x' if ps else ''} |")
         notes = [w["note"] for w in ws if w.get("note")]
         lines += [""] + [f"- {n}" for n in notes] + ([""] if notes else [])
 

@@ -483,6 +483,9 @@ def run_warm_start(spec: _models.ModelSpec, dtype: str, args, log_path: str, exp
             _log(f"   warm: first token {entry['warm_s']:.2f} s (median of {len(entry['warm'])})")
             if entry["cold_s"]:
                 entry["speedup"] = entry["cold_s"] / entry["warm_s"]
+                # the same from process start (python + torch + library imports included)
+                entry["cold_process_wall_s"] = entry["cold"]["process_wall_s"]
+                entry["process_speedup"] = entry["cold_process_wall_s"] / entry["warm_process_wall_s"]
         out.append(entry)
     return out
 
