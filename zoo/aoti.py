@@ -223,8 +223,8 @@ def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_
             constants.update(_export_one(wrapper, args, os.path.join(out_dir, file), tensors))
         size = os.path.getsize(os.path.join(out_dir, file))
         _log(f"  ... {time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB")
-        shape = {"batch_size": B} if S is None else {"batch_size": B, f"{kind}_len" if kind == "prefill" else
-                                                     "context_len": S}
+        shape = {"batch_size": B} if S is None else {"batch_size": B,
+                                                     "prefill_len" if kind == "prefill" else "context_len": S}
         graphs[kind].append({**shape, "file": file, "bytes": size})
 
     manifest = {

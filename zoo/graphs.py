@@ -101,8 +101,8 @@ class GraphRunner:
             return fn(*args, **kwargs)
         if self.compiled and self.log_compiles:
             what = {"prefill": "length", "decode": "context"}[key[0]]
-            _log(f"compiling {key[0]} graph for batch {key[1]}"
-                 + (f", {what} {key[2]}" if len(key) > 2 and key[2] is not None else "") + f" ({self.description})")
+            _log(f"compiling {key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else "")
+                 + f" ({self.description})")
         start = time.perf_counter()
         with self.graph_cache.compiling() if self.graph_cache else contextlib.nullcontext():
             out = fn(*args, **kwargs)
@@ -135,11 +135,8 @@ class GraphRunner:
         bookkeeping, never read from the device); None attends over the whole cache."""
         B = input_ids.shape[0]
         L = None if context is None else self.buckets.context_len_for(context)
-        if L is None:
-            return self._timed_first_call(("decode", B), self._decode, input_ids, positions, self.cache.k,
-                                          self.cache.v)
-        return self._timed_first_call(("decode", B, L), self._decode, input_ids, positions, self.cache.k,
-                                      self.cache.v, context_len=L)
+        key, kwargs = (("decode", B), {}) if L is None else (("decode", B, L), {"context_len": L})
+        return self._timed_first_call(key, self._decode, input_ids, positions, self.cache.k, self.cache.v, **kwargs)
 
     def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True, context_lens=None) -> None:
         """Build (compile) the graphs for these buckets now, writing only to scratch cache space.

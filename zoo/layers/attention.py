@@ -27,7 +27,6 @@ class AttentionMetadata:
     mask: torch.Tensor  # [B, 1, S, T] bool, True = may attend
     # decode: attend over cache slots [0, B); prefill: over this call's own keys (T == S)
     attend_to_cache: bool
-    context_len: int | None = None  # decode: cache positions [0, T) attended (T = mask's last dim)
 
 
 class Attention(nn.Module):
@@ -66,8 +65,8 @@ class Attention(nn.Module):
         self.ops.write_kv(k_cache, meta.kv_write_index, k)
         self.ops.write_kv(v_cache, meta.kv_write_index, v)
         if meta.attend_to_cache:
-            T = meta.context_len  # a view of the first T positions: batch row i is slot i
-            k, v = k_cache[:B, :, :T], v_cache[:B, :, :T]  # [B, KV, T, hd]
+            T = meta.mask.shape[-1]  # the positions attended (a context bucket, or the whole cache)
+            k, v = k_cache[:B, :, :T], v_cache[:B, :, :T]  # [B, KV, T, hd], a view: batch row i is slot i
 
         out = self.ops.attention(q, k, v, meta.mask, is_decode=meta.attend_to_cache)  # [B, H, S, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.q_size))

@@ -140,7 +140,7 @@ class LlamaForCausalLM(nn.Module):
         meta = AttentionMetadata(
             cos, sin,
             kv_write_index=(torch.arange(B, device=device)[:, None, None], heads[None, :, None], pos[:, None, :]),
-            mask=mask[:, None, None, :], attend_to_cache=True, context_len=T,
+            mask=mask[:, None, None, :], attend_to_cache=True,
         )
         h = self.model(input_ids, meta, k_caches, v_caches)  # [B, 1, D]
         return self._logits(h[:, 0])
