@@ -13,7 +13,7 @@ import torch
 from zoo.compile_config import CompileConfig, default_config_path, load_compile_config
 from zoo.config import ModelConfig
 from zoo.device import default_cache_dir, default_dtype, resolve_device
-from zoo.engine import Engine, GenerationResult, Request, RequestError, StreamEvent
+from zoo.engine import Engine, GenerationResult, Request, RequestError, StreamEvent, stream_events
 from zoo.graph_cache import GraphCache, cache_key_fields
 from zoo.graphs import Buckets, GraphRunner, compile_entry_points
 from zoo.kv_cache import KVCache
@@ -311,16 +311,7 @@ class Model:
 
     def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
         self.engine.submit(requests)
-        try:
-            while True:
-                for req in requests:
-                    while req.events:
-                        yield req.events.popleft()
-                if all(r.finished and not r.events for r in requests):
-                    return
-                self.engine.step()
-        finally:
-            self.engine.abort(requests, "the stream was closed before the request finished")
+        yield from stream_events(requests, self.engine.step, self.engine.abort)
 
 
 class Stream:

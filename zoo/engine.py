@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,23 @@ class Request:
         tpot = (self.t_done - self.t_first) * 1e3 / (n - 1) if self.t_first and self.t_done and n > 1 else None
         return GenerationResult(self.index, self.prompt, self.prompt_ids, list(self.output_ids), self.text,
                                 self.finish_reason, ttft, tpot, self.error)
+
+
+def stream_events(requests: list["Request"], advance: Callable[[], None],
+                  abort: Callable[[list["Request"], str], None]) -> Iterator[StreamEvent]:
+    """Yield the requests' StreamEvents as they are produced, calling advance() (one engine step)
+    whenever none is pending, until every request has finished. Closing the iterator early calls
+    abort() on them (it must skip finished ones)."""
+    try:
+        while True:
+            for req in requests:
+                while req.events:
+                    yield req.events.popleft()
+            if all(r.finished and not r.events for r in requests):
+                return
+            advance()
+    finally:
+        abort(requests, "the stream was closed before the request finished")
 
 
 class Engine:

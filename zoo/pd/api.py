@@ -240,20 +240,19 @@ class LLMEngine:
 
     # ---- role checks -----------------------------------------------------------------------------
     def _prompt(self, call: str) -> PromptServer:
-        if self.role is not LLMRole.PROMPT:
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"{call} is a PROMPT call; this engine is "
-                               f"{self.role.name}")
-        if self._server is None:
-            raise LLMException(LLMStatusCode.LLM_FAILED, f"{call}: call init() first (or init after finalize)")
-        return self._server
+        return self._role_part(call, LLMRole.PROMPT, self._server)
 
     def _dec(self, call: str) -> Decoder:
-        if self.role is not LLMRole.DECODER:
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"{call} is a DECODER call; this engine is "
+        return self._role_part(call, LLMRole.DECODER, self._decoder)
+
+    def _role_part(self, call: str, role: LLMRole, part):
+        """`part` (this role's server or decoder) for `call`, or the error naming what is wrong."""
+        if self.role is not role:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"{call} is a {role.name} call; this engine is "
                                f"{self.role.name}")
-        if self._decoder is None:
+        if part is None:
             raise LLMException(LLMStatusCode.LLM_FAILED, f"{call}: call init() first (or init after finalize)")
-        return self._decoder
+        return part
 
 
 # stream() returns zoo's own Stream (events + .results), under the name this API exported first

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.engine import PrefilledKV, Request, RequestError, StreamEvent
+from zoo.engine import PrefilledKV, Request, RequestError, StreamEvent, stream_events
 from zoo.pd import protocol as proto
 from zoo.pd.prompt import model_fingerprint
 from zoo.pd.protocol import LLMException, LLMStatusCode
@@ -477,16 +477,7 @@ class Decoder:
     def drive(self, requests: list[Request]) -> Iterator[StreamEvent]:
         """Yield the requests' StreamEvents while stepping the engine (which also advances every
         other running request). Closing it early aborts the unfinished ones."""
-        try:
-            while True:
-                for req in requests:
-                    while req.events:
-                        yield req.events.popleft()
-                if all(r.finished and not r.events for r in requests):
-                    return
-                self.poll()
-        finally:
-            self.cancel(requests, "the stream was closed before the request finished")
+        yield from stream_events(requests, self.poll, self.cancel)
 
     def poll(self, timeout: float = 0.05) -> None:
         """Advance: one engine step if anything is queued or running, else wait up to `timeout` for

@@ -114,21 +114,20 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
         server.check_model(model_id)
         return server.model_card()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = parse_body(await server.read_body(request), CompletionBody)
+    async def generate(request: Request, body_type, make_requests, chat: bool):
+        body = parse_body(await server.read_body(request), body_type)
         server.check_model(body.model)
         body.check_supported()
-        requests = await run_in_threadpool(server.completion_requests, body)
-        return await server.respond(request, body, requests, chat=False)
+        requests = await run_in_threadpool(make_requests, body)
+        return await server.respond(request, body, requests, chat=chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await generate(request, CompletionBody, server.completion_requests, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_body(await server.read_body(request), ChatCompletionBody)
-        server.check_model(body.model)
-        body.check_supported()
-        requests = await run_in_threadpool(server.chat_requests, body)
-        return await server.respond(request, body, requests, chat=True)
+        return await generate(request, ChatCompletionBody, server.chat_requests, chat=True)
 
     return app
 
