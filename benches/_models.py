@@ -96,7 +96,7 @@ def ensure_medium_llama(root: str | None = None) -> str:
 def resolve_models(names: list[str], model_paths: list[str], medium_dtypes: list[str],
                    dtypes: list[str] | None) -> list[ModelSpec]:
     """--models names (+ --model-path folders) -> specs with the dtypes each one runs in."""
-    from zoo.api import embedded_model_path
+    from zoo.models import embedded_model_path
 
     specs = []
     for name in names:

@@ -7,7 +7,7 @@ run by hand).
 Variants:
   zoo_eager     zoo.load(compiled=False)
   zoo_compiled  zoo.load(compiled=True), warmed up for the buckets the measurements use
-  zoo_aoti      zoo.load() + the AOTInductor-exported graphs of zoo.aoti (no tracing, no compiling)
+  zoo_aoti      zoo.load() + the AOTInductor-exported graphs of zoo.graphs.aoti (no tracing, no compiling)
   hf_eager      transformers AutoModelForCausalLM.generate, greedy, default DynamicCache
   hf_compiled   transformers' CPU compiled recipe: StaticCache (max_cache_len = prompt + new tokens,
                 as cache_implementation="static" sizes it) + model.forward = torch.compile(model.forward,
@@ -53,7 +53,7 @@ def make_prompt(vocab_size: int, length: int, row: int) -> list[int]:
 
 def _load_takes_export_dir() -> bool:
     """True when zoo.load(compiled=DIR) loads AOTInductor exports (newer zoo); else the worker wires
-    zoo.aoti.ExportedGraphs into the engine itself."""
+    zoo.graphs.aoti.ExportedGraphs into the engine itself."""
     import inspect
 
     import zoo
@@ -84,7 +84,7 @@ class ZooRunner:
                 raise
             # zoo.load(compiled=DIR) wants the export's buckets to reach max_batch_size / max_seq_len;
             # the bench exports only batch 1 x one prompt length, so wire the graphs in by hand
-            _log(f"zoo.load(compiled=DIR) refused the bench export ({e}); loading the graphs with zoo.aoti")
+            _log(f"zoo.load(compiled=DIR) refused the bench export ({e}); loading the graphs with zoo.graphs.aoti")
             aoti_api = False
             self.model = zoo.load(cfg["model_path"], compiled=False, **kwargs)
         if self.variant == "zoo_aoti":
@@ -96,8 +96,8 @@ class ZooRunner:
         self.vocab = self.model.config.vocab_size
 
     def _use_exported_graphs(self, export_dir: str) -> None:
-        """Swap the eager runner for one that calls the AOTInductor packages (zoo.aoti)."""
-        from zoo.aoti import ExportedGraphs
+        """Swap the eager runner for one that calls the AOTInductor packages (zoo.graphs.aoti)."""
+        from zoo.graphs.aoti import ExportedGraphs
         from zoo.graphs import Buckets, GraphRunner
 
         engine = self.model.engine

@@ -13,8 +13,8 @@ Variants (each in its own process, loaded once, then measured INTERLEAVED: for e
 every case, one sample of each variant in turn, A B C D then D C B A, so drift hits all alike):
   zoo_eager     zoo.load(compiled=False)
   zoo_compiled  zoo.load(compiled=True), warmed up (Model.warmup) for the buckets used, before timing
-  zoo_aoti      zoo with the AOTInductor-exported graphs of zoo.aoti (tiny Llama, batch 1, prompt 32),
-                when zoo.aoti exists; the export is built once under ~/.cache/zoo/bench-exports/
+  zoo_aoti      zoo with the AOTInductor-exported graphs of zoo.graphs.aoti (tiny Llama, batch 1, prompt 32),
+                when zoo.graphs.aoti exists; the export is built once under ~/.cache/zoo/bench-exports/
   hf_eager      transformers generate, greedy, DynamicCache
   hf_compiled   transformers' best CPU compiled recipe: StaticCache + model.forward =
                 torch.compile(model.forward, fullgraph=True, dynamic=False), greedy
@@ -221,7 +221,7 @@ def ensure_export(model_path: str, dtype: str, max_batch_size: int, max_seq_len:
 
 def aoti_available() -> bool:
     try:
-        import zoo.aoti  # noqa: F401
+        import zoo.graphs.aoti  # noqa: F401
     except Exception:
         return False
     return True
@@ -287,7 +287,7 @@ def run_group(spec: _models.ModelSpec, dtype: str, args, log_path: str, bandwidt
         elif spec.name != "tiny-llama" or dtype != "float32":
             pass  # AOTI: the tiny Llama only (an export is ~1 min per graph)
         elif not aoti_available():
-            group["notes"].append("zoo.aoti is not importable: no AOTI variant")
+            group["notes"].append("zoo.graphs.aoti is not importable: no AOTI variant")
         else:
             try:
                 export_dir, build_s = ensure_export(spec.path, dtype, plan["max_batch_size"], plan["max_seq_len"],

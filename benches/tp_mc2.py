@@ -101,7 +101,7 @@ def main() -> int:
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=128)
     args = p.parse_args()
-    from zoo.parallel import run_ranks
+    from zoo.distributed.launch import run_ranks
 
     path = _model_dir()
     start = time.perf_counter()

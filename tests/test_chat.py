@@ -1,7 +1,7 @@
 """Chat through the tokenizer's chat interface: the CLI's --chat (one-shot, piped stdin, the
 interactive loop) and the server's chat requests, on the two embedded tiny models.
 
-The CLI runs in-process (zoo.cli.main) with zoo.cli.load wrapped so each test can see the exact
+The CLI runs in-process (zoo.entrypoints.generate.main) with zoo.entrypoints.generate.load_from wrapped so each test can see the exact
 prompt ids and sampling arguments the model was given; loaded models are cached per setting.
 """
 import io
@@ -14,16 +14,16 @@ import sys
 import pytest
 
 import zoo
-import zoo.cli
-from zoo.api import embedded_model_path
+import zoo.entrypoints.generate
+from zoo.models import embedded_model_path
 from zoo.graphs import Buckets
-from zoo.tokenizer import Tokenizer
+from zoo.tokenizers.base import Tokenizer
 
 FAMILIES = ["llama", "qwen2"]
 NEW = 12  # max new tokens: enough to compare, short enough to stay fast
 SYSTEM = "Answer in one line."
 
-_real_load = zoo.cli.load
+_real_load = zoo.load
 _models: dict = {}
 
 
@@ -57,11 +57,11 @@ def recorded(monkeypatch):
     """Patch the CLI's load(); returns the list of Recorders it handed out (one per main() call)."""
     made = []
 
-    def load(path, **kwargs):
-        made.append(Recorder(cached_model(path, kwargs.get("max_batch_size") or 2, kwargs.get("max_seq_len"))))
+    def load_from(settings):
+        made.append(Recorder(cached_model(settings.model_path, settings.max_batch_size or 2, settings.max_seq_len)))
         return made[-1]
 
-    monkeypatch.setattr(zoo.cli, "load", load)
+    monkeypatch.setattr(zoo.entrypoints.generate, "load_from", load_from)
     return made
 
 
@@ -114,7 +114,7 @@ def no_template_copy(tmp_path, family="llama"):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_prompt_gives_the_tokens_of_generate_on_the_templated_ids(family, capsys):
     """Real load (no recorder): the CLI's tokens are those of generate() on apply_chat_template ids."""
-    rc = zoo.cli.main(family, ["--chat", "--prompt", "hi", "--max-new-tokens", str(NEW), "--max-batch-size", "2",
+    rc = zoo.entrypoints.generate.main(family, ["--chat", "--prompt", "hi", "--max-new-tokens", str(NEW), "--max-batch-size", "2",
                                "--json"])
     assert rc == 0
     [out] = json_lines(capsys.readouterr().out)
@@ -128,7 +128,7 @@ def test_chat_prompt_gives_the_tokens_of_generate_on_the_templated_ids(family, c
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_chat_streams_only_the_reply(family, capsys, recorded):
-    rc = zoo.cli.main(family, ["--chat", "--prompt", "Beautiful is", "--max-new-tokens", str(NEW)])
+    rc = zoo.entrypoints.generate.main(family, ["--chat", "--prompt", "Beautiful is", "--max-new-tokens", str(NEW)])
     assert rc == 0
     out = capsys.readouterr().out
     ref = reference(family, [user("Beautiful is")])
@@ -139,7 +139,7 @@ def test_chat_streams_only_the_reply(family, capsys, recorded):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_system_message_goes_first_in_the_prompt(family, capsys, recorded):
-    rc = zoo.cli.main(family, ["--chat", "--system", SYSTEM, "--prompt", "hi", "--max-new-tokens", str(NEW),
+    rc = zoo.entrypoints.generate.main(family, ["--chat", "--system", SYSTEM, "--prompt", "hi", "--max-new-tokens", str(NEW),
                                "--json"])
     assert rc == 0
     [(ids, _)] = recorded[0].calls
@@ -150,7 +150,7 @@ def test_system_message_goes_first_in_the_prompt(family, capsys, recorded):
 
 
 def test_several_chat_prompts_are_one_batch_each_under_its_message(capsys, recorded):
-    rc = zoo.cli.main("qwen2", ["--chat", "--prompt", "hi", "--prompt", "Flat is", "--max-new-tokens", str(NEW)])
+    rc = zoo.entrypoints.generate.main("qwen2", ["--chat", "--prompt", "hi", "--prompt", "Flat is", "--max-new-tokens", str(NEW)])
     assert rc == 0
     [(ids, _)] = recorded[0].calls
     assert ids == [chat_ids("qwen2", [user("hi")]), chat_ids("qwen2", [user("Flat is")])]
@@ -162,7 +162,7 @@ def test_several_chat_prompts_are_one_batch_each_under_its_message(capsys, recor
 # ---- end of turn -------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_end_of_turn_tokens_are_stop_tokens(family, capsys, recorded):
-    rc = zoo.cli.main(family, ["--chat", "--prompt", "hi", "--max-new-tokens", "4", "--json"])
+    rc = zoo.entrypoints.generate.main(family, ["--chat", "--prompt", "hi", "--max-new-tokens", "4", "--json"])
     assert rc == 0
     [(_, kwargs)] = recorded[0].calls
     tokenizer = cached_model(embedded_model_path(family)).tokenizer
@@ -179,7 +179,7 @@ def test_the_reply_stops_at_an_end_of_turn_token(family, capsys, monkeypatch):
     stop = ref.token_ids[k]
     k = ref.token_ids.index(stop)  # its first appearance
     monkeypatch.setattr(Tokenizer, "chat_stop_token_ids", property(lambda self: (stop,)))
-    rc = zoo.cli.main(family, ["--chat", "--prompt", "hi", "--max-new-tokens", str(NEW), "--max-batch-size", "2",
+    rc = zoo.entrypoints.generate.main(family, ["--chat", "--prompt", "hi", "--max-new-tokens", str(NEW), "--max-batch-size", "2",
                                "--json"])
     assert rc == 0
     [out] = json_lines(capsys.readouterr().out)
@@ -189,7 +189,7 @@ def test_the_reply_stops_at_an_end_of_turn_token(family, capsys, monkeypatch):
 # ---- errors ------------------------------------------------------------------------------------
 def test_system_without_chat_is_a_usage_error(capsys, recorded):
     with pytest.raises(SystemExit) as exit_:
-        zoo.cli.main("llama", ["--system", SYSTEM, "--prompt", "hi"])
+        zoo.entrypoints.generate.main("llama", ["--system", SYSTEM, "--prompt", "hi"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "error: --system" in err and "needs --chat" in err
@@ -204,7 +204,7 @@ def test_a_tokenizer_without_a_chat_template_is_a_clear_error(tmp_path, capsys, 
         argv += ["--prompt", "hi"]
     else:
         monkeypatch.setattr(sys, "stdin", FakeTerminal(["hi"]))
-    assert zoo.cli.main("llama", argv) == 2
+    assert zoo.entrypoints.generate.main("llama", argv) == 2
     captured = capsys.readouterr()
     assert "error: --chat needs a chat template" in captured.err and str(folder) in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
@@ -212,7 +212,7 @@ def test_a_tokenizer_without_a_chat_template_is_a_clear_error(tmp_path, capsys, 
 
 def test_the_no_template_folder_still_works_without_chat(tmp_path, capsys):
     folder = no_template_copy(tmp_path)
-    rc = zoo.cli.main("llama", ["--model-path", str(folder), "--prompt", "Beautiful is", "--max-new-tokens", "4",
+    rc = zoo.entrypoints.generate.main("llama", ["--model-path", str(folder), "--prompt", "Beautiful is", "--max-new-tokens", "4",
                                 "--max-batch-size", "1"])
     assert rc == 0 and capsys.readouterr().out.startswith("Beautiful is better than")
 
@@ -222,7 +222,7 @@ def test_a_model_without_a_tokenizer_is_a_clear_error(tmp_path, capsys):
     folder.mkdir()
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(os.path.join(embedded_model_path("qwen2"), name), folder / name)
-    assert zoo.cli.main("qwen2", ["--model-path", str(folder), "--chat", "--prompt", "hi"]) == 2
+    assert zoo.entrypoints.generate.main("qwen2", ["--model-path", str(folder), "--chat", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "error: --chat needs a tokenizer" in err and "no tokenizer files" in err and "Traceback" not in err
 
@@ -231,7 +231,7 @@ def test_a_model_without_a_tokenizer_is_a_clear_error(tmp_path, capsys):
 def test_piped_stdin_is_one_user_message(capsys, monkeypatch, recorded):
     message = "Beautiful is\nExplicit is"
     monkeypatch.setattr(sys, "stdin", io.StringIO(message + "\n"))
-    assert zoo.cli.main("qwen2", ["--chat", "--max-new-tokens", str(NEW), "--json"]) == 0
+    assert zoo.entrypoints.generate.main("qwen2", ["--chat", "--max-new-tokens", str(NEW), "--json"]) == 0
     [(ids, _)] = recorded[0].calls
     assert ids == [chat_ids("qwen2", [user(message)])]
     [out] = json_lines(capsys.readouterr().out)
@@ -240,7 +240,7 @@ def test_piped_stdin_is_one_user_message(capsys, monkeypatch, recorded):
 
 def test_empty_piped_stdin_is_an_error(capsys, monkeypatch, recorded):
     monkeypatch.setattr(sys, "stdin", io.StringIO("  \n"))
-    assert zoo.cli.main("qwen2", ["--chat"]) == 2
+    assert zoo.entrypoints.generate.main("qwen2", ["--chat"]) == 2
     assert "empty message from stdin" in capsys.readouterr().err and recorded == []
 
 
@@ -258,7 +258,7 @@ def test_piped_stdin_from_the_shell():
 def test_interactive_chat_keeps_the_conversation(family, capsys, monkeypatch, recorded):
     terminal = FakeTerminal(["Beautiful is", "", "Explicit is", "/exit", "never read"])
     monkeypatch.setattr(sys, "stdin", terminal)
-    assert zoo.cli.main(family, ["--chat", "--system", SYSTEM, "--max-new-tokens", str(NEW)]) == 0
+    assert zoo.entrypoints.generate.main(family, ["--chat", "--system", SYSTEM, "--max-new-tokens", str(NEW)]) == 0
     assert terminal.lines == ["never read"]  # /exit ended it; the empty line was skipped
     calls = recorded[0].calls
     assert len(calls) == 2
@@ -276,7 +276,7 @@ def test_interactive_chat_keeps_the_conversation(family, capsys, monkeypatch, re
 
 def test_reset_clears_the_history_but_keeps_the_system_message(capsys, monkeypatch, recorded):
     monkeypatch.setattr(sys, "stdin", FakeTerminal(["Beautiful is", "/reset", "Explicit is"]))  # then Ctrl-D
-    assert zoo.cli.main("llama", ["--chat", "--system", SYSTEM, "--max-new-tokens", "4"]) == 0
+    assert zoo.entrypoints.generate.main("llama", ["--chat", "--system", SYSTEM, "--max-new-tokens", "4"]) == 0
     system = {"role": "system", "content": SYSTEM}
     assert [ids for ids, _ in recorded[0].calls] == [chat_ids("llama", [system, user("Beautiful is")]),
                                                      chat_ids("llama", [system, user("Explicit is")])]
@@ -285,7 +285,7 @@ def test_reset_clears_the_history_but_keeps_the_system_message(capsys, monkeypat
 
 def test_quit_ends_at_once(capsys, monkeypatch, recorded):
     monkeypatch.setattr(sys, "stdin", FakeTerminal(["/quit", "hi"]))
-    assert zoo.cli.main("llama", ["--chat"]) == 0 and recorded[0].calls == []
+    assert zoo.entrypoints.generate.main("llama", ["--chat"]) == 0 and recorded[0].calls == []
 
 
 def test_a_conversation_that_no_longer_fits_drops_its_oldest_turns(capsys, monkeypatch, recorded):
@@ -298,7 +298,7 @@ def test_a_conversation_that_no_longer_fits_drops_its_oldest_turns(capsys, monke
     assert len(chat_ids("llama", [system, u1, a1, u2])) + NEW <= limit
     assert len(chat_ids("llama", [system, u2, a2, u3])) + NEW <= limit
     monkeypatch.setattr(sys, "stdin", FakeTerminal(["Beautiful is", "Explicit is", "Simple is", "/exit"]))
-    rc = zoo.cli.main("llama", ["--chat", "--system", SYSTEM, "--max-new-tokens", str(NEW), "--max-seq-len",
+    rc = zoo.entrypoints.generate.main("llama", ["--chat", "--system", SYSTEM, "--max-new-tokens", str(NEW), "--max-seq-len",
                                 str(limit)])
     assert rc == 0
     calls = [ids for ids, _ in recorded[0].calls]
@@ -309,7 +309,7 @@ def test_a_conversation_that_no_longer_fits_drops_its_oldest_turns(capsys, monke
 
 def test_a_message_too_long_on_its_own_is_reported_and_the_chat_goes_on(capsys, monkeypatch, recorded):
     monkeypatch.setattr(sys, "stdin", FakeTerminal(["Beautiful is " * 40, "hi", "/exit"]))
-    assert zoo.cli.main("llama", ["--chat", "--max-new-tokens", "4", "--max-seq-len", "64"]) == 0
+    assert zoo.entrypoints.generate.main("llama", ["--chat", "--max-new-tokens", "4", "--max-seq-len", "64"]) == 0
     err = capsys.readouterr().err
     assert "error: this message makes a prompt of" in err and "max_seq_len is 64" in err and "Traceback" not in err
     assert [ids for ids, _ in recorded[0].calls] == [chat_ids("llama", [user("hi")])]
@@ -329,8 +329,8 @@ class _WarmUpProbe:
 
 def test_warm_up_measures_chat_token_ids_and_text_prompts():
     probe = _WarmUpProbe()
-    zoo.cli._warm_up_for(probe, [list(range(10)), list(range(21)), list(range(3))], 8)
-    zoo.cli._warm_up_for(probe, ["Beautiful is"], 8)
+    zoo.entrypoints.generate._warm_up_for(probe, [list(range(10)), list(range(21)), list(range(3))], 8)
+    zoo.entrypoints.generate._warm_up_for(probe, ["Beautiful is"], 8)
     # the decode contexts a generation of 8 more tokens can reach: 21 + 8 -> up to 32; 3 + 8 -> 16
     assert probe.warmed == [([4], [21], [16, 32]), ([1], [len(probe.tokenizer.encode("Beautiful is"))], [16])]
 
@@ -338,7 +338,7 @@ def test_warm_up_measures_chat_token_ids_and_text_prompts():
 @pytest.mark.compiled
 def test_compiled_chat_gives_the_eager_tokens(capsys):
     """--compiled warms up for the chat prompt's length (its ids, not the raw message) before timing."""
-    rc = zoo.cli.main("llama", ["--compiled", "--chat", "--prompt", "hi", "--max-new-tokens", "8",
+    rc = zoo.entrypoints.generate.main("llama", ["--compiled", "--chat", "--prompt", "hi", "--max-new-tokens", "8",
                                 "--max-batch-size", "1", "--max-seq-len", "64", "--json"])
     assert rc == 0
     [out] = json_lines(capsys.readouterr().out)

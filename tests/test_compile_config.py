@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.compile_config import CONFIG_DIR, CompileConfigError, default_config_path, load_compile_config
+from zoo.graphs.compile_config import CONFIG_DIR, CompileConfigError, default_config_path, load_compile_config
 
 
 def write(tmp_path, text):
@@ -24,7 +24,7 @@ def test_every_shipped_config_is_valid():
 
 
 def test_cpu_defaults_and_dtype_specific_options():
-    cpu = load_compile_config(default_config_path("qwen2", "cpu"))
+    cpu = load_compile_config(default_config_path("qwen", "cpu"))
     assert cpu.backend == "inductor"
     assert cpu.inductor_options(torch.float32) == {"cpp_wrapper": True}
     assert cpu.inductor_options(torch.bfloat16) == {"cpp_wrapper": True, "freezing": True}

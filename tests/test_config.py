@@ -2,14 +2,15 @@ import json
 
 import pytest
 
-from zoo.config import ConfigError, ModelConfig
+from zoo.config import ConfigError
+from zoo.models import config_from_dict, read_config
 
 BASE = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
             num_hidden_layers=2, intermediate_size=128, vocab_size=100, max_position_embeddings=256)
 
 
 def parse(**fields):
-    return ModelConfig.from_dict({**BASE, **fields})
+    return config_from_dict({**BASE, **fields})
 
 
 def test_llama3_rope_in_transformers5_format():
@@ -72,17 +73,17 @@ def test_missing_required_field_is_named():
     raw = dict(BASE)
     del raw["intermediate_size"]
     with pytest.raises(ConfigError, match=r"'intermediate_size' is missing"):
-        ModelConfig.from_dict(raw)
+        config_from_dict(raw)
 
 
 def test_missing_folder_and_bad_json(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model folder not found"):
-        ModelConfig.from_dir(str(tmp_path / "nope"))
+        read_config(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match=r"no config.json"):
-        ModelConfig.from_dir(str(tmp_path))
+        read_config(str(tmp_path))
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"not valid JSON"):
-        ModelConfig.from_dir(str(tmp_path))
+        read_config(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "hidden_act": "gelu"}))
     with pytest.raises(ConfigError, match=r"hidden_act='gelu'"):
-        ModelConfig.from_dir(str(tmp_path))
+        read_config(str(tmp_path))

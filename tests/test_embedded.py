@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import zoo
-from zoo.api import embedded_model_path
+from zoo.models import embedded_model_path
 
 
 def zen_of_python() -> str:

@@ -66,7 +66,7 @@ def test_top_k_1_is_greedy(model):
 
 
 def test_sampling_respects_top_k():
-    from zoo.sampling import sample
+    from zoo.engine.sampling import sample
 
     torch.manual_seed(0)
     logits = torch.randn(4, 100)
@@ -175,7 +175,7 @@ def _drain(engine, requests):
 def test_kv_hand_over_between_engines_matches_colocated(checkpoint, sampling):
     """PROMPT engine prefills and exports real-token KV; DECODER engine (fewer slots than requests)
     merges each into a slot and decodes: tokens equal running everything in one engine."""
-    from zoo.sampling import SamplingParams
+    from zoo.engine.sampling import SamplingParams
 
     path = checkpoint("llama3_gqa")
     prompt_side = zoo.load(path, max_batch_size=2, max_seq_len=64)
@@ -199,7 +199,7 @@ def test_kv_hand_over_between_engines_matches_colocated(checkpoint, sampling):
 
 
 def test_requests_arriving_over_time_match_solo_runs(model):
-    from zoo.sampling import SamplingParams
+    from zoo.engine.sampling import SamplingParams
 
     eng = model.engine
     prompts = [PROMPTS[i % 3] + [i] for i in range(7)]

@@ -1,4 +1,4 @@
-"""AOTInductor export (zoo.aoti, python -m zoo.export): a tiny Llama exported by the CLI in a
+"""AOTInductor export (zoo.graphs.aoti, python -m zoo.export): a tiny Llama exported by the CLI in a
 subprocess (one prefill and one decode package), then loaded here onto a fresh eager model.
 
 Checks: same logits (<= 1e-4) and greedy tokens as eager, KV caches written in place like eager,
@@ -17,8 +17,8 @@ import torch
 
 import zoo
 from checkpoints import build_checkpoint
-from zoo.aoti import ExportedGraphs
-from zoo.kv_cache import KVCache
+from zoo.graphs.aoti import ExportedGraphs
+from zoo.graphs.kv_cache import KVCache
 
 pytestmark = pytest.mark.compiled
 
@@ -212,7 +212,7 @@ def test_zoo_load_from_an_export_dir_generates_eager_tokens_without_compiling(ex
 def test_exported_context_buckets_give_the_eager_tokens(exported, tmp_path):
     """Decode graphs exported per context bucket (16, 32): zoo.load(compiled=DIR) picks the bucket
     each step, across the boundary, with the tokens of eager zoo."""
-    from zoo.aoti import export_graphs
+    from zoo.graphs.aoti import export_graphs
 
     path, _ = exported
     model = zoo.load(path, max_batch_size=1, max_seq_len=MAX_SEQ_LEN, buckets=zoo.Buckets((1,), (32,), (16, 32)))

@@ -8,11 +8,11 @@ import textwrap
 import pytest
 import torch
 
-from zoo.config import ModelConfig
-from zoo.graph_cache import MANIFEST, GraphCache, cache_key_fields, modeling_source_hash
+from zoo.models import read_config
+from zoo.graphs.cache import MANIFEST, GraphCache, cache_key_fields, modeling_source_hash
 from zoo.graphs import Buckets
-from zoo.llama.modeling_llama import LlamaForCausalLM
-from zoo.qwen.modeling_qwen import Qwen2ForCausalLM
+from zoo.models.llama import LlamaForCausalLM
+from zoo.models.qwen2 import Qwen2ForCausalLM
 
 FIELDS = {"example": 1}
 
@@ -25,7 +25,7 @@ class EditedLlama(LlamaForCausalLM):
 
 
 def _module(cls, checkpoint, kind="llama2"):
-    config = ModelConfig.from_dir(checkpoint(kind))
+    config = read_config(checkpoint(kind))
     with torch.device("meta"):
         return cls(config)
 

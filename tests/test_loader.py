@@ -111,16 +111,16 @@ def test_truncated_file_and_missing_shard(checkpoint, tmp_path):
 RSS_PROBE = textwrap.dedent("""
     import sys, torch, zoo
     from zoo.config import ModelConfig
-    from zoo.api import model_class
+    from zoo.models import read_config, spec_for
     from zoo.loader import load_weights
 
     def status(key):
         for line in open("/proc/self/status"):
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
-    config = ModelConfig.from_dir(sys.argv[1])
+    config = read_config(sys.argv[1])
     with torch.device("meta"):
-        module = model_class(config.family)(config)
+        module = spec_for(config).model_class(config)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     before = status("VmRSS")

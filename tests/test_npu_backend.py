@@ -30,13 +30,12 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from zoo.config import ModelConfig
+from zoo.models import config_from_dict
 from zoo.device import DeviceError
-from zoo.kv_cache import KVCache
+from zoo.graphs.kv_cache import KVCache
 from zoo.layers.ops import AttentionOps
-from zoo.llama.modeling_llama import LlamaForCausalLM
+from zoo.models.llama import LlamaForCausalLM
 
 import zoo.backends.npu as npu
 
@@ -399,7 +398,7 @@ def test_npu_backend_passes_the_config_to_get_npu_backend(fakes):
 
 
 def _tiny_llama(dtype=torch.float32, heads=4, kv_heads=2, seed=0) -> LlamaForCausalLM:
-    config = ModelConfig.from_dict(dict(
+    config = config_from_dict(dict(
         architectures=["LlamaForCausalLM"], hidden_size=64, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=96, num_hidden_layers=2, vocab_size=128,
         max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0))

@@ -13,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import zoo
-from zoo.config import ConfigError, ModelConfig
+from zoo.config import ConfigError
+from zoo.models import read_config
 from zoo.loader import CheckpointError
-from zoo.qwen.tokenization_qwen1 import Qwen1Tokenizer
+from zoo.tokenizers.qwen1 import Qwen1Tokenizer
 
 PROMPT = [3, 17, 42, 99, 7, 250, 11]
 STEPS = 24
@@ -49,7 +50,7 @@ def _edit_config(src, dst, **changes):
 
 def test_qwen1_layout_gives_the_qwen2_layout_logits_and_transformers_agrees(checkpoint):
     qwen2, qwen1 = checkpoint("qwen2_mha"), checkpoint("qwen1")
-    assert ModelConfig.from_dir(qwen1).family == "qwen"
+    assert read_config(qwen1).family == "qwen"
     hf = AutoModelForCausalLM.from_pretrained(qwen2, dtype=torch.float32).eval()
     ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=STEPS + 1, do_sample=False, output_logits=True,
                       return_dict_in_generate=True, pad_token_id=0)
@@ -74,7 +75,7 @@ def test_qwen1_layout_gives_the_qwen2_layout_logits_and_transformers_agrees(chec
 
 
 def test_qwen1_config_fields(checkpoint):
-    config = ModelConfig.from_dir(checkpoint("qwen1"))
+    config = read_config(checkpoint("qwen1"))
     raw = config.raw
     assert config.intermediate_size == raw["intermediate_size"] // 2  # w1 / w2 are half of it each
     assert config.head_dim == raw["kv_channels"] and config.num_kv_heads == config.num_heads
@@ -92,7 +93,7 @@ def test_qwen1_config_fields(checkpoint):
 def test_qwen1_config_refuses_what_zoo_does_not_implement(checkpoint, tmp_path, changes, message):
     path = _edit_config(checkpoint("qwen1"), tmp_path / "edited", **changes)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        ModelConfig.from_dir(str(path))
+        read_config(str(path))
 
 
 def test_dynamic_ntk_and_logn_attention_limit_the_context_to_seq_length(checkpoint, tmp_path):

@@ -18,7 +18,9 @@ import torch
 import zoo
 from zoo.graphs import Buckets
 from zoo.loader import CheckpointError
-from zoo.parallel import TPContext, TPWorkerError, run_ranks
+from zoo.distributed.comm import TPContext
+from zoo.distributed.launch import run_ranks
+from zoo.errors import TPWorkerError
 
 from checkpoints import build_checkpoint, to_qwen1_layout
 
@@ -215,7 +217,7 @@ def test_merged_shards_refuse_another_tp_size(tp_checkpoints, tmp_path):
         zoo.load(merged)
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by the tensor-parallel size 3"):
         with torch.device("meta"):
-            zoo.api.model_class("llama")(zoo.ModelConfig.from_dir(merged), TPContext(0, 3))
+            zoo.models.spec_for_family("llama").model_class(zoo.models.read_config(merged), TPContext(0, 3))
     from zoo.layers.linear import qkv_head_ranges
 
     with pytest.raises(ValueError, match=r"num_key_value_heads \(3\) and the tensor-parallel size 2 must divide"):
@@ -226,19 +228,19 @@ def test_merged_shards_refuse_another_tp_size(tp_checkpoints, tmp_path):
 RSS_PROBE = textwrap.dedent("""
     import sys, torch
     from zoo.config import ModelConfig
-    from zoo.api import model_class
+    from zoo.models import read_config, spec_for
     from zoo.loader import load_weights
-    from zoo.parallel import TPContext
+    from zoo.distributed.comm import TPContext
 
     def status(key):
         for line in open("/proc/self/status"):
             if line.startswith(key):
                 return int(line.split()[1]) * 1024
 
-    config = ModelConfig.from_dir(sys.argv[1])
+    config = read_config(sys.argv[1])
     rank, size = int(sys.argv[2]), int(sys.argv[3])
     with torch.device("meta"):
-        module = model_class(config.family)(config, TPContext(rank, size))
+        module = spec_for(config).model_class(config, TPContext(rank, size))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
     before = status("VmRSS")

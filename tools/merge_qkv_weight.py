@@ -30,11 +30,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from zoo.api import _DTYPES, model_class  # noqa: E402
-from zoo.config import ModelConfig  # noqa: E402
-from zoo.device import default_dtype  # noqa: E402
+from zoo.device import default_dtype, parse_dtype  # noqa: E402
+from zoo.models import read_config, spec_for  # noqa: E402
 from zoo.loader import TP_FORMAT_VERSION, TP_MANIFEST, SafetensorsCheckpoint, load_weights  # noqa: E402
-from zoo.parallel import TPContext  # noqa: E402
+from zoo.distributed.comm import TPContext  # noqa: E402
 
 
 def _sha256(paths: list[str]) -> str:
@@ -48,8 +47,8 @@ def _sha256(paths: list[str]) -> str:
 
 
 def merge(model_path: str, tp_size: int, output_path: str, dtype: str | None = None) -> dict:
-    config = ModelConfig.from_dir(model_path)
-    torch_dtype = _DTYPES[dtype] if dtype else default_dtype(torch.device("cpu"), config.torch_dtype)
+    config = read_config(model_path)
+    torch_dtype = parse_dtype(dtype) if dtype else default_dtype(torch.device("cpu"), config.torch_dtype)
     if os.path.exists(os.path.join(output_path, TP_MANIFEST)):
         shutil.rmtree(output_path)
     os.makedirs(output_path, exist_ok=True)
@@ -57,7 +56,7 @@ def merge(model_path: str, tp_size: int, output_path: str, dtype: str | None = N
     files = {}
     for rank in range(tp_size):
         with torch.device("meta"):
-            module = model_class(config.family)(config, TPContext(rank, tp_size))
+            module = spec_for(config).model_class(config, TPContext(rank, tp_size))
         load_weights(module, model_path, torch_dtype, torch.device("cpu"))
         tensors = {name: p.detach().contiguous() for name, p in module.named_parameters()
                    if not (name == "lm_head.weight" and config.tie_word_embeddings)}

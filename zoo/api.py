@@ -1,226 +1,189 @@
-"""zoo.load(): checkpoint folder -> a Model ready to generate, eager or compiled."""
+"""zoo.load(): checkpoint folder -> a Model ready to generate, eager or compiled.
+
+Loading is a few named steps over one LoadSettings (zoo.settings):
+  settings -> config -> tokenizer -> module -> weights -> cache -> runner -> engine
+With tp=N (N > 1) the same steps run in N rank processes (zoo.distributed.launch), and the caller
+gets a TPModel: a proxy that forwards every Model attribute and method to the ranks by name.
+"""
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
+import random
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from zoo.compile_config import CompileConfig, default_config_path, load_compile_config
 from zoo.config import ModelConfig
-from zoo.device import default_cache_dir, default_dtype, resolve_device
-from zoo.engine import Engine, GenerationResult, Request, RequestError, StreamEvent, stream_events
-from zoo.graph_cache import GraphCache, cache_key_fields
-from zoo.graphs import Buckets, GraphRunner, compile_entry_points
-from zoo.kv_cache import KVCache
+from zoo.device import default_cache_dir, default_dtype, parse_dtype, resolve_device
+from zoo.distributed.comm import SINGLE, TPContext
+from zoo.engine import Engine, GenerationResult, Request, SamplingParams, StreamEvent, encode_prompt, stream_events
+from zoo.errors import ConfigError, RequestError
+from zoo.graphs import Buckets, GraphRunner, KVCache, build_runner
+from zoo.graphs.compile_config import CompileConfig, default_config_path, load_compile_config
 from zoo.loader import load_weights
-from zoo.parallel import SINGLE, TPContext, TPModel
-from zoo.sampling import SamplingParams
-from zoo.tokenizer import Tokenizer
-
-EMBEDDED_DIR = os.path.join(os.path.dirname(__file__), "embedded")
-EMBEDDED_MODELS = {"llama": "tiny-llama", "qwen2": "tiny-qwen2"}
-
-# family -> "module:Class" of its hand-adapted modeling file (imported on demand)
-MODEL_CLASSES = {
-    "llama": "zoo.llama.modeling_llama:LlamaForCausalLM",
-    "qwen2": "zoo.qwen.modeling_qwen:Qwen2ForCausalLM",
-    "qwen3": "zoo.qwen.modeling_qwen3:Qwen3ForCausalLM",
-    "qwen": "zoo.qwen.modeling_qwen1:QWenLMHeadModel",  # first-generation Qwen (Qwen-7B-Chat)
-}
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+from zoo.log import log
+from zoo.models import ModelSpec, embedded_model_path, read_config, spec_for
+from zoo.settings import LoadSettings
+from zoo.tokenizers import Tokenizer, load_tokenizer
 
 Prompt = str | list[int]
 
 
-def embedded_model_path(family: str = "llama") -> str:
-    """Folder of the tiny model that ships inside the package for `family` (llama | qwen2)."""
-    return os.path.join(EMBEDDED_DIR, EMBEDDED_MODELS[family])
-
-
-def model_class(family: str):
-    module, _, name = MODEL_CLASSES[family].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _log(msg: str) -> None:
-    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
-
-
-def load(model_path: str | None = None, *, device: str = "cpu", dtype: str | torch.dtype | None = None,
-         compiled: bool | str = False, max_batch_size: int | None = None, max_seq_len: int | None = None,
-         buckets: Buckets | None = None, compile_config: str | CompileConfig | None = None,
-         inductor_options: dict | None = None, cache_dir: str | None = None, verbose: bool = False,
-         tp: int | TPContext | None = None, use_mc2: bool = False,
-         tp_timeout_s: float | None = None) -> "Model | TPModel":
+def load(model_path: str | None = None, **options) -> "Model | TPModel":
     """Load a Hugging Face checkpoint folder (config.json + *.safetensors [+ tokenizer files]).
 
-    model_path None -> the embedded tiny Llama. compiled=True compiles prefill and decode per
-    shape bucket as the compile config says (default: zoo/compile_configs/<family>.<device>.toml),
-    each bucket on first use or all at once with Model.warmup(); compiled graphs are kept in the
-    on-disk graph cache under cache_dir (default ~/.cache/zoo, or $ZOO_CACHE_DIR).
-    compiled=DIR loads the AOTInductor graphs `python -m zoo.export` wrote to DIR: no tracing, no
-    compiling; DIR also fixes the buckets, dtype, max_batch_size and max_seq_len.
-    max_batch_size defaults to 8 and max_seq_len to min(max_position_embeddings, 2048); the KV
-    cache holds max_batch_size slots of that length. buckets and inductor_options override the
-    compile config's.
+    model_path None -> the embedded tiny Llama. The options are the fields of
+    zoo.settings.LoadSettings (device, dtype, compiled, max_batch_size, max_seq_len, buckets,
+    compile_config, inductor_options, cache_dir, threads, tp, use_mc2, tp_timeout_s, verbose).
 
-    tp=N (N > 1) runs the model tensor-parallel over N ranks in worker processes (spawned here;
-    gloo on cpu) and returns a TPModel, a proxy with the same generate / stream / warmup API whose
-    results come from rank 0 (docs/tensor_parallel.md). use_mc2 overlaps each row-parallel matmul
-    with its all-reduce. A TPContext instead of an int loads this process's rank of an
-    already-initialised process group (what each worker, or a torchrun rank, does).
-    tp_timeout_s is the process-group timeout (default $ZOO_TP_TIMEOUT or 120 s): how long ranks
-    wait in a collective for a peer that hangs before they fail.
+    compiled=True compiles prefill and decode per shape bucket as the compile config says
+    (default: zoo/graphs/configs/<model>.<device>.toml), each bucket on first use or all at once
+    with Model.warmup(); compiled graphs are kept in the on-disk graph cache under cache_dir
+    (default ~/.cache/zoo, or $ZOO_CACHE_DIR). compiled=DIR loads the AOTInductor graphs
+    `python -m zoo.export` wrote to DIR: no tracing, no compiling; DIR also fixes the buckets,
+    dtype, max_batch_size and max_seq_len. max_batch_size defaults to 8 and max_seq_len to
+    min(max_position_embeddings, 2048); the KV cache holds max_batch_size slots of that length.
+
+    tp=N (N > 1) runs the model tensor-parallel over N ranks in worker processes (gloo on cpu) and
+    returns a TPModel with the same API, whose results come from rank 0 (docs/tensor_parallel.md).
+    The calling script needs an `if __name__ == "__main__":` guard, as with any spawned process.
+    A TPContext instead of an int loads this process's rank of an already-initialised process
+    group (what each rank, or a torchrun rank, does).
     """
+    return load_from(LoadSettings(model_path=model_path, **options))
+
+
+def load_from(settings: LoadSettings) -> "Model | TPModel":
+    """zoo.load with the options already gathered in a LoadSettings (what the CLIs build)."""
+    settings = settings.validated()
+    settings = settings.replace(model_path=settings.model_path or embedded_model_path("llama"))
+    if settings.spawns_ranks:
+        return TPModel(settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    return load_rank(settings, settings.tp if isinstance(settings.tp, TPContext) else SINGLE)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the settings resolve to for one checkpoint: sizes, dtype, buckets, compile config."""
+
+    device: torch.device
+    dtype: torch.dtype
+    max_batch_size: int
+    max_seq_len: int
+    buckets: Buckets
+    compile_config: CompileConfig
+
+
+def load_rank(settings: LoadSettings, tp: TPContext) -> "Model":
+    """The load steps in this process (one rank's shard under tensor parallelism)."""
     t0 = time.perf_counter()
-    model_path = model_path or embedded_model_path("llama")
-    if isinstance(tp, int) and not isinstance(tp, bool) and tp > 1:
-        if isinstance(compiled, str):
-            raise ValueError("tensor parallelism (tp > 1) does not run AOTInductor exports (compiled=DIR)")
-        kwargs = dict(device=device, dtype=dtype, compiled=compiled, max_batch_size=max_batch_size,
-                      max_seq_len=max_seq_len, buckets=buckets, compile_config=compile_config,
-                      inductor_options=inductor_options, cache_dir=cache_dir, verbose=verbose)
-        ModelConfig.from_dir(model_path)  # a missing folder or bad config fails here, not in a worker
-        return TPModel(model_path, tp, kwargs, use_mc2=use_mc2, timeout_s=tp_timeout_s)
-    if tp is None or isinstance(tp, int):
-        if tp is not None and (isinstance(tp, bool) or tp < 1):
-            raise ValueError(f"tp must be an int >= 1, got {tp!r}")
-        tp = SINGLE
-    config = ModelConfig.from_dir(model_path)
-    dev = resolve_device(device)
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    exported = _read_export(compiled, max_batch_size, max_seq_len) if isinstance(compiled, str) else None
-    if exported is not None:
-        max_batch_size, max_seq_len = exported["cache"]["num_slots"], exported["cache"]["max_seq_len"]
-        buckets = Buckets(tuple(exported["buckets"]["batch_sizes"]), tuple(exported["buckets"]["prefill_lens"]),
-                          tuple(exported["buckets"].get("context_lens", ())))
-        dtype = dtype or _DTYPES[exported["dtype"]]
-    dtype = dtype or default_dtype(dev, config.torch_dtype)
-    max_batch_size = 8 if max_batch_size is None else max_batch_size
-    if not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+    path = settings.model_path
+    config = read_config(path)
+    spec = spec_for(config)
+    plan = _plan(settings, config, spec)
+    tokenizer = load_tokenizer(path)
+    module = _build_module(spec, config, tp)
+    load_weights(module, path, plan.dtype, plan.device)
+    module.eval()
+    cache = KVCache(config.num_layers, plan.max_batch_size, module.num_local_kv_heads, plan.max_seq_len,
+                    config.head_dim, plan.dtype, plan.device)
+    runner = build_runner(module, cache, plan.buckets, spec=spec, compiled=settings.compiled,
+                          compile_config=plan.compile_config, inductor_options=settings.inductor_options,
+                          dtype=plan.dtype, device=plan.device, cache_dir=settings.cache_dir or default_cache_dir(),
+                          tp=tp)
+    runner.log_compiles = tp.rank == 0  # one log line per compile, not one per rank
+    engine = Engine(runner, cache, tokenizer, _eos_token_ids(config, tokenizer, path), plan.max_seq_len,
+                    config.vocab_size)
+    model = Model(config, module, tokenizer, engine, plan.device, plan.dtype, path)
+    if settings.verbose and tp.rank == 0:
+        _log_loaded(model, runner, tp, time.perf_counter() - t0)
+    return model
+
+
+def _plan(settings: LoadSettings, config: ModelConfig, spec: ModelSpec) -> _Plan:
+    device = resolve_device(settings.device)
+    dtype = parse_dtype(settings.dtype) if settings.dtype is not None else None
+    max_batch_size, max_seq_len, buckets = settings.max_batch_size, settings.max_seq_len, settings.buckets
+    if settings.exported:  # the export fixes sizes, buckets and (unless asked) dtype
+        max_batch_size, max_seq_len, buckets, exported_dtype = _exported_shapes(settings)
+        dtype = dtype or exported_dtype
+    dtype = dtype or default_dtype(device, config.torch_dtype)
+    max_batch_size = max_batch_size or 8
     max_seq_len = max_seq_len or min(config.max_position_embeddings, 2048, config.max_exact_seq_len or 2048)
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
     if config.max_exact_seq_len is not None and max_seq_len > config.max_exact_seq_len:
         raise ValueError(f"max_seq_len={max_seq_len} is longer than {config.max_exact_seq_len}, the context past which "
                          f"{config.source} switches on use_dynamic_ntk / use_logn_attn, which zoo does not implement; "
                          f"use max_seq_len <= {config.max_exact_seq_len}")
+    compile_config = settings.compile_config
     if not isinstance(compile_config, CompileConfig):
-        compile_config = load_compile_config(compile_config or default_config_path(config.family, dev.type))
+        compile_config = load_compile_config(compile_config or default_config_path(spec.compile_config, device.type))
     buckets = buckets or compile_config.buckets(max_batch_size, max_seq_len)
     buckets.validate(max_batch_size, max_seq_len)
+    return _Plan(device, dtype, max_batch_size, max_seq_len, buckets, compile_config)
 
-    if tp.enabled and exported is not None:
-        raise ValueError("tensor parallelism (tp > 1) does not run AOTInductor exports (compiled=DIR)")
 
-    tokenizer = Tokenizer.from_dir(model_path)
+def _exported_shapes(settings: LoadSettings) -> tuple[int, int, Buckets, torch.dtype]:
+    from zoo.graphs.aoti import read_manifest
+
+    manifest = read_manifest(settings.compiled)
+    for name, asked, exported in (("max_batch_size", settings.max_batch_size, manifest["cache"]["num_slots"]),
+                                  ("max_seq_len", settings.max_seq_len, manifest["cache"]["max_seq_len"])):
+        if asked is not None and asked != exported:
+            raise ValueError(f"{name}={asked} was asked for, but the graphs in {settings.compiled!r} were exported "
+                             f"for {name}={exported}")
+    b = manifest["buckets"]
+    buckets = Buckets(tuple(b["batch_sizes"]), tuple(b["prefill_lens"]), tuple(b.get("context_lens", ())))
+    return manifest["cache"]["num_slots"], manifest["cache"]["max_seq_len"], buckets, parse_dtype(manifest["dtype"])
+
+
+def _build_module(spec: ModelSpec, config: ModelConfig, tp: TPContext) -> torch.nn.Module:
+    """The model's modules on the meta device: no memory until load_weights fills each parameter."""
     with torch.device("meta"):
-        module = model_class(config.family)(config, tp)
-    load_weights(module, model_path, dtype, dev)
-    module.eval()
-    cache = KVCache(config.num_layers, max_batch_size, module.num_local_kv_heads, max_seq_len, config.head_dim,
-                    dtype, dev)
-    if exported is not None:
-        from zoo.aoti import ExportedGraphs
+        return spec.model_class(config, tp)
 
-        graphs = ExportedGraphs.load(compiled, module, cache)  # checks dtype, config and cache geometry
-        runner = GraphRunner(graphs.prefill, graphs.decode, cache, buckets, compiled=False,
-                             description=f"AOTInductor graphs from {compiled}")
-    elif compiled:
-        runner = _compiled_runner(module, cache, buckets, compile_config, inductor_options, dtype, dev,
-                                  cache_dir or default_cache_dir(), tp)
-    else:
-        runner = GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False)
+
+def _eos_token_ids(config: ModelConfig, tokenizer: Tokenizer | None, model_path: str) -> set[int]:
     eos = set(config.eos_token_ids) | _generation_config_eos(model_path)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
-    engine = Engine(runner, cache, tokenizer, eos, max_seq_len, config.vocab_size)
-    model = Model(config, module, tokenizer, engine, dev, dtype, model_path)
-    if verbose:
-        graphs = f"compiled: {runner.description}" if compiled else "eager"
-        graphs = runner.description if exported is not None else graphs
-        if runner.graph_cache is not None:
-            graphs += f"; graph cache {runner.graph_cache.status} at {runner.graph_cache.dir}"
-        tp_note = f", tensor-parallel rank {tp.rank} of {tp.world_size}" + (" (mc2)" if tp.use_mc2 else "") \
-            if tp.enabled else ""
-        _log(f"loaded {config.architecture} from {model_path} on {dev} ({dtype}){tp_note} in "
-             f"{time.perf_counter() - t0:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache "
-             f"{cache.nbytes / 2**20:.1f} MiB ({max_batch_size} slots x {max_seq_len} tokens); {graphs}")
-    return model
-
-
-def _read_export(export_dir: str, max_batch_size: int | None, max_seq_len: int | None) -> dict:
-    from zoo.aoti import read_manifest
-
-    manifest = read_manifest(export_dir)
-    for name, asked, exported in (("max_batch_size", max_batch_size, manifest["cache"]["num_slots"]),
-                                  ("max_seq_len", max_seq_len, manifest["cache"]["max_seq_len"])):
-        if asked is not None and asked != exported:
-            raise ValueError(f"{name}={asked} was asked for, but the graphs in {export_dir!r} were exported "
-                             f"for {name}={exported}")
-    return manifest
-
-
-def _compiled_runner(module, cache, buckets, compile_config: CompileConfig, inductor_overrides, dtype, device,
-                     cache_dir: str, tp: TPContext = SINGLE) -> GraphRunner:
-    backend = compile_config.backend
-    if (backend == "torchair") != (device.type == "npu"):
-        raise ValueError(f"{compile_config.source}: backend {backend!r} does not run on device {device.type!r} "
-                         "(torchair is for npu, inductor for cpu/cuda)")
-    if backend == "inductor":
-        options = {**compile_config.inductor_options(dtype), **(inductor_overrides or {})}
-        fingerprint = {"backend": "inductor", "options": options}
-        description = f"inductor, options {options}"
-    else:
-        from zoo.backends import npu
-
-        torch_npu, _ = npu.import_npu()
-        options = compile_config.torchair
-        module.set_attention_ops(npu.NpuAttentionOps(torch_npu))  # fused FA / IFA and scatter_update_
-        fingerprint = {"backend": "torchair", "options": options, "torch_npu": torch_npu.__version__}
-        description = f"torchair, options {options}"
-    if tp.enabled:
-        fingerprint["tp"] = tp.fingerprint()  # each rank compiles (and caches) its own shard's graphs
-        fingerprint["tp_source"] = _tp_source_hash()  # the collectives' code lives outside zoo.layers
-    graph_cache = None
-    if compile_config.graph_cache:
-        fields = cache_key_fields(module, fingerprint, dtype, buckets, tuple(cache.k[0].shape), device)
-        graph_cache = GraphCache(cache_dir, fields)
-    if backend == "torchair" and graph_cache is not None:
-        # torchair.inference.cache_compile keeps its own files, inside zoo's keyed directory
-        prefill, decode = npu.cache_compiled_methods(module, options, os.path.join(graph_cache.dir, "torchair"))
-    else:
-        prefill, decode = compile_entry_points(module, backend, options, buckets)
-    return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache)
-
-
-def _tp_source_hash() -> str:
-    import hashlib
-
-    import zoo.parallel
-
-    with open(zoo.parallel.__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    return eos
 
 
 def _generation_config_eos(model_path: str) -> set[int]:
     path = os.path.join(model_path, "generation_config.json")
     if not os.path.isfile(path):
         return set()
-    with open(path, encoding="utf-8") as f:
-        eos = json.load(f).get("eos_token_id")
-    return set(eos) if isinstance(eos, list) else ({eos} if isinstance(eos, int) else set())
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return set()
+    ids = eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise ConfigError(f"{path}: field 'eos_token_id' must be a token id or a list of them, got {eos!r}")
+    return set(ids)
+
+
+def _log_loaded(model: "Model", runner: GraphRunner, tp: TPContext, seconds: float) -> None:
+    graphs = f"compiled: {runner.description}" if runner.compiled else runner.description
+    if runner.graph_cache is not None:
+        graphs += f"; graph cache {runner.graph_cache.status} at {runner.graph_cache.dir}"
+    tp_note = (f", tensor-parallel rank {tp.rank} of {tp.world_size}" + (" (mc2)" if tp.use_mc2 else "")
+               if tp.enabled else "")
+    cache = model.engine.cache
+    log(f"loaded {model.config.architecture} from {model.path} on {model.device} ({model.dtype}){tp_note} in "
+        f"{seconds:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache {cache.nbytes / 2**20:.1f} MiB "
+        f"({cache.num_slots} slots x {cache.max_seq_len} tokens); {graphs}")
 
 
 class Model:
@@ -247,6 +210,33 @@ class Model:
     @property
     def max_seq_len(self) -> int:
         return self.engine.max_seq_len
+
+    @property
+    def kv_cache(self) -> KVCache:
+        return self.engine.cache
+
+    @property
+    def graph_cache_status(self) -> str | None:
+        """cold | warm | rebuilt (...) for compiled graphs kept on disk; None otherwise."""
+        cache = self.engine.runner.graph_cache
+        return None if cache is None else cache.status
+
+    def seed_sampling(self, seed: int) -> None:
+        """Seed the noise of sampled requests that bring no seed of their own (tensor-parallel ranks
+        share one seed so they sample identical tokens)."""
+        self.engine.seed_default_generator(seed)
+
+    def close(self) -> None:
+        """Abort what is still running or waiting (their results say so); the model stays loadable
+        elsewhere. Under tensor parallelism (TPModel.close) this also stops the rank processes."""
+        with self.engine.lock:
+            self.engine.abort(list(self.engine.running.values()) + list(self.engine.waiting), "the model was closed")
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def warmup(self, batch_sizes: Sequence[int] | None = None, prompt_lens: Sequence[int] | None = None,
                context_lens: Sequence[int] | None = None) -> None:
@@ -299,15 +289,7 @@ class Model:
                 for i, p in enumerate(prompt_list)]
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError(f"{self.path!r} has no tokenizer files; pass prompts as lists of token ids")
-            if not prompt:
-                raise RequestError(f"prompt {index} is empty: at least one token is needed")
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        raise RequestError(f"prompt {index} must be a string or a list of token ids, got {type(prompt).__name__}")
+        return encode_prompt(self.tokenizer, prompt, f"prompt {index}", self.path)
 
     def _run(self, requests: list[Request]) -> Iterator[StreamEvent]:
         self.engine.submit(requests)
@@ -337,3 +319,52 @@ class Stream:
 def _is_single_prompt(prompts) -> bool:
     return isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and len(prompts) > 0 and all(isinstance(t, int) for t in prompts))
+
+
+# ---- tensor parallelism: the same Model on N ranks, used by name ------------------------------------
+def _rank_model(ctx: TPContext, settings: LoadSettings, seed: int) -> Model:
+    """What each rank process builds (zoo.distributed.launch calls it with the rank's TPContext)."""
+    model = load_rank(settings.replace(tp=ctx, verbose=settings.verbose and ctx.rank == 0), ctx)
+    model.seed_sampling(seed)  # identical sampling noise on every rank
+    return model
+
+
+class TPModel:
+    """zoo.load(..., tp=N): a Model whose N rank processes each hold a shard. Every Model attribute
+    and method is forwarded to the ranks by name (zoo.distributed.launch.RemoteObject), with the
+    caller's arguments, and rank 0's answer comes back: the proxy restates nothing of Model's API.
+    config, tokenizer and path are read here too, for the caller's own use (prompt formatting)."""
+
+    def __init__(self, settings: LoadSettings):
+        from zoo.distributed.launch import RankGroup  # spawning machinery: only when asked for
+
+        self.path = settings.model_path
+        self.config = read_config(self.path)  # a missing folder or a bad config fails here, not in a rank
+        self.tokenizer = load_tokenizer(self.path)
+        self.tp_size, self.use_mc2 = settings.tp, settings.use_mc2
+        self._group = RankGroup(settings.tp, _rank_model, (settings.replace(tp=None), random.randrange(2**62)),
+                                device=settings.device, use_mc2=settings.use_mc2, timeout_s=settings.tp_timeout_s,
+                                threads=settings.threads)
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._group.root, name)
+
+    @property
+    def closed(self) -> bool:
+        return self._group.closed
+
+    def close(self) -> None:
+        """Abort in-flight requests on the ranks, then stop the rank processes."""
+        if not self._group.closed:
+            try:
+                self._group.root.close()
+            finally:
+                self._group.close()
+
+    def __enter__(self) -> "TPModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

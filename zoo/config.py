@@ -11,18 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from zoo.errors import ConfigError
 
-class ConfigError(ValueError):
-    """config.json describes something zoo cannot run."""
-
-
-# config.json `architectures[0]` -> zoo model family. The family names a modeling module.
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "QWenLMHeadModel": "qwen",  # first-generation Qwen (Qwen-7B-Chat), remote code on the Hub
-}
 
 # rope types and the extra keys each one needs.
 _ROPE_KEYS = {
@@ -80,43 +70,21 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dir(cls, model_dir: str) -> "ModelConfig":
-        path = os.path.join(model_dir, "config.json")
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"model folder not found: {model_dir!r}")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in model folder {model_dir!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=path)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, raw: dict[str, Any], source: str, *, family: str, architecture: str,
+                qkv_bias: bool = False, o_bias: bool = False, mlp_bias: bool = False, qk_norm: bool = False,
+                original: dict[str, Any] | None = None) -> "ModelConfig":
+        """The fields every architecture shares, read from a config.json in Llama's field names
+        (`raw`); what differs per architecture (biases, q/k norms) comes from its modeling class,
+        through zoo.models.registry. `original` is the file's own contents (kept as `raw`)."""
         def need(key: str):
             if key not in raw or raw[key] is None:
                 raise ConfigError(f"{source}: required field {key!r} is missing")
             return raw[key]
 
-        archs = raw.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch not in ARCHITECTURES:
-            known = ", ".join(sorted(ARCHITECTURES))
-            raise ConfigError(
-                f"{source}: unsupported architecture {arch!r} in field 'architectures' "
-                f"(model_type={raw.get('model_type')!r}); zoo supports: {known}"
-            )
-        family = ARCHITECTURES[arch]
-        original = raw
-        if family == "qwen":
-            raw = _qwen1_as_llama_fields(raw, source)
-
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = int(raw.get("head_dim") or hidden // heads)
+        hidden = _positive_int(need("hidden_size"), "hidden_size", source)
+        heads = _positive_int(need("num_attention_heads"), "num_attention_heads", source)
+        kv_heads = _positive_int(raw.get("num_key_value_heads") or heads, "num_key_value_heads", source)
+        head_dim = _positive_int(raw.get("head_dim") or hidden // heads, "head_dim", source)
         if heads % kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
@@ -127,29 +95,16 @@ class ModelConfig:
         if raw.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: pretraining_tp={raw['pretraining_tp']} is not supported (only 1)")
 
-        if family == "qwen2":
-            _refuse_active_sliding_window(raw, source)
-            qkv_bias, o_bias, mlp_bias = True, False, False
-        elif family == "qwen3":
-            _refuse_active_sliding_window(raw, source)
-            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
-            mlp_bias = False
-        elif family == "qwen":
-            qkv_bias, o_bias, mlp_bias = True, raw["o_bias"], raw["mlp_bias"]
-        else:
-            qkv_bias = o_bias = bool(raw.get("attention_bias", False))
-            mlp_bias = bool(raw.get("mlp_bias", False))
-
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
 
         return cls(
             family=family,
-            architecture=arch,
-            vocab_size=int(need("vocab_size")),
+            architecture=architecture,
+            vocab_size=_positive_int(need("vocab_size"), "vocab_size", source),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=_positive_int(need("intermediate_size"), "intermediate_size", source),
+            num_layers=_positive_int(need("num_hidden_layers"), "num_hidden_layers", source),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -160,73 +115,17 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
-            qk_norm=family == "qwen3",
+            qk_norm=qk_norm,
             max_exact_seq_len=raw.get("max_exact_seq_len"),
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             source=source,
-            raw=original,
+            raw=raw if original is None else original,
         )
 
 
-def _qwen1_as_llama_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """A first-generation Qwen config.json (model_type "qwen", QWenLMHeadModel) in the field names
-    the rest of from_dict reads. The architecture is Llama's with a fused, biased c_attn; the
-    differences that matter are in the field conventions:
-      - intermediate_size is twice the MLP width (w1 and w2 are each intermediate_size // 2 wide);
-      - kv_channels is the head size, and kv_channels * num_attention_heads must be hidden_size;
-      - layer_norm_epsilon, rotary_emb_base and seq_length are rms_norm_eps, rope_theta and the
-        training context;
-      - use_dynamic_ntk and use_logn_attn change the math only past seq_length: zoo runs contexts up
-        to seq_length (max_exact_seq_len) when either is on, and refuses longer ones at load time.
-    """
-    def need(key: str):
-        if raw.get(key) is None:
-            raise ConfigError(f"{source}: required field {key!r} is missing")
-        return raw[key]
-
-    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
-    head_dim = int(raw.get("kv_channels") or hidden // heads)
-    if head_dim * heads != hidden:
-        raise ConfigError(f"{source}: kv_channels={head_dim} x num_attention_heads={heads} must equal "
-                          f"hidden_size={hidden} (QWenLMHeadModel's c_proj maps one onto the other)")
-    if float(raw.get("rotary_pct", 1.0)) != 1.0:
-        raise ConfigError(f"{source}: rotary_pct={raw['rotary_pct']} is not supported (only 1.0: rope on the whole head)")
-    for flag in ("use_cache_quantization", "use_cache_kernel"):
-        if raw.get(flag):
-            raise ConfigError(f"{source}: {flag}=true is not supported (zoo keeps the KV cache in the model dtype)")
-    intermediate = int(need("intermediate_size"))
-    if intermediate % 2:
-        raise ConfigError(f"{source}: intermediate_size={intermediate} must be even (w1 and w2 are each half of it)")
-    seq_length = int(raw.get("seq_length") or raw.get("max_position_embeddings") or 2048)
-    length_dependent = [f for f in ("use_dynamic_ntk", "use_logn_attn") if raw.get(f)]
-    dtype = raw.get("torch_dtype") or next((name for flag, name in (("bf16", "bfloat16"), ("fp16", "float16"),
-                                                                      ("fp32", "float32")) if raw.get(flag)), None)
-    no_bias = bool(raw.get("no_bias", True))
-    return {
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,  # no GQA in Qwen-1
-        "head_dim": head_dim,
-        "num_hidden_layers": need("num_hidden_layers"),
-        "vocab_size": need("vocab_size"),
-        "intermediate_size": intermediate // 2,
-        "rms_norm_eps": raw.get("layer_norm_epsilon", 1e-6),
-        "rope_theta": raw.get("rotary_emb_base", 10000.0),
-        "max_position_embeddings": raw.get("max_position_embeddings") or seq_length,
-        "max_exact_seq_len": seq_length if length_dependent else None,
-        "tie_word_embeddings": raw.get("tie_word_embeddings", False),
-        "o_bias": not no_bias,  # c_proj
-        "mlp_bias": not no_bias,  # w1, w2, mlp.c_proj
-        "torch_dtype": dtype,
-        "bos_token_id": raw.get("bos_token_id"),
-        "eos_token_id": raw.get("eos_token_id"),
-        "hidden_act": "silu",
-    }
-
-
-def _refuse_active_sliding_window(raw: dict[str, Any], source: str) -> None:
+def refuse_active_sliding_window(raw: dict[str, Any], source: str) -> None:
     """Qwen2 can slide the attention window on layers >= max_window_layers; zoo attends fully.
 
     A window is "in use" only when it is switched on, shorter than the context, and some layer has it.
@@ -284,3 +183,28 @@ def _parse_rope(raw: dict[str, Any], head_dim: int, source: str) -> RopeConfig:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=params.get("original_max_position_embeddings"),
     )
+
+
+def _positive_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def read_config_json(model_dir: str) -> tuple[dict[str, Any], str]:
+    """(contents of model_dir/config.json, its path); FileNotFoundError / ConfigError naming the problem."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder not found: {model_dir!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in model folder {model_dir!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw, path

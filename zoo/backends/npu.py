@@ -36,7 +36,6 @@ None of this has run on Ascend hardware; see docs/npu.md for what was and was no
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import types
@@ -45,51 +44,12 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.device import DeviceError
+from zoo.device import import_npu, import_vendor
 from zoo.layers.ops import AttentionOps
 
 # --------------------------------------------------------------------------------------------
 # imports
 # --------------------------------------------------------------------------------------------
-
-
-def _install_hint() -> str:
-    release = torch.__version__.split("+")[0]
-    return (
-        "To run on Ascend: (1) install the Ascend driver/firmware and the CANN toolkit, and load its "
-        "environment in this shell (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`, or set_env.sh "
-        f"under your CANN install); (2) `pip install torch-npu=={release}`, pinned to the installed torch "
-        f"{torch.__version__} (an unpinned torch-npu pulls a different torch), choosing the build whose release "
-        "notes match your CANN version; (3) torchair, which ships inside torch-npu (Ascend Extension for "
-        "PyTorch) - build it from https://gitcode.com/Ascend/torchair only if your torch-npu lacks it."
-    )
-
-
-def _import(name: str):
-    """Import a vendor module, turning every known failure into a DeviceError that says what to do."""
-    try:
-        return importlib.import_module(name)
-    except (ImportError, RuntimeError, OSError) as e:
-        text = str(e)
-        msg = f"device 'npu': importing {name} failed ({type(e).__name__}: {text}). {_install_hint()}"
-        if isinstance(e, RuntimeError) and ("TORCH_DEVICE_BACKEND_AUTOLOAD" in text or "backend extension" in text):
-            msg += (
-                " torch tried to auto-load the torch_npu backend and could not (often CANN libraries such as "
-                "libhccl.so are not found because set_env.sh was not sourced). Fix the install, or set "
-                "TORCH_DEVICE_BACKEND_AUTOLOAD=0 to keep torch usable without it."
-            )
-        raise DeviceError(msg) from e
-
-
-def import_npu() -> tuple[types.ModuleType, types.ModuleType]:
-    """(torch_npu, torchair), imported now; DeviceError naming what to install if either fails.
-
-    torch_npu is imported first: it registers the "npu" device with torch, and the TorchAir guide
-    (torchair_00005, "安装") requires `import torch_npu` before `import torchair`.
-    """
-    torch_npu = _import("torch_npu")
-    torchair = _import("torchair")
-    return torch_npu, torchair
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +284,7 @@ def cache_compiled_methods(module: torch.nn.Module, options: Mapping | None, cac
     if not isinstance(cache_dir, str) or not cache_dir:
         raise ValueError(f"cache_dir must be a non-empty path, got {cache_dir!r}")
     config = compiler_config(options)  # imports torch_npu, then torchair
-    cache_compile = _import("torchair.inference").cache_compile
+    cache_compile = import_vendor("torchair.inference").cache_compile
     os.makedirs(cache_dir, exist_ok=True)
     return (CachedEntry(module, "prefill", config, cache_dir, cache_compile),
             CachedEntry(module, "decode", config, cache_dir, cache_compile))
@@ -356,7 +316,7 @@ class NpuAttentionOps(AttentionOps):
       no bounds check). The 2-D index form exists but is undocumented (ops-nn issue 5483).
       - S == 1 (every decode step): expressible. zoo's slot ids are spread onto all N cache rows:
         row slot[b] gets value[b] at position[b]; every row no call addresses gets zeros at the scratch
-        position T-1. That relies on zoo's KV-cache contract (zoo.kv_cache: the last position is
+        position T-1. That relies on zoo's KV-cache contract (zoo.graphs.kv_cache: the last position is
         scratch, written by idle rows and never attended to by a live row). Cost: two small
         index_put on [N] / [N, KV, 1, hd] temporaries, then one scatter_update_ on the whole cache
         tensor, the pattern of the torchair LLM examples (scatter_update_(cache, positions, k, axis)).
@@ -392,7 +352,7 @@ class NpuAttentionOps(AttentionOps):
 
     def __init__(self, torch_npu: types.ModuleType | None = None, *, scatter_decode_writes: bool = True,
                  kernel_dtypes: tuple = KERNEL_DTYPES):
-        self._npu = torch_npu if torch_npu is not None else _import("torch_npu")
+        self._npu = torch_npu if torch_npu is not None else import_vendor("torch_npu")
         self.scatter_decode_writes = scatter_decode_writes
         self.kernel_dtypes = tuple(kernel_dtypes)
 

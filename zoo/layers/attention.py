@@ -1,7 +1,7 @@
 """Self-attention over an explicit, statically shaped KV cache.
 
 The cache for one layer is a pair of tensors k/v of shape [slots, kv_heads, max_len, head_dim]
-owned by the caller (zoo.kv_cache). Each forward writes this call's keys/values in place at
+owned by the caller (zoo.graphs.kv_cache). Each forward writes this call's keys/values in place at
 (slot, position) with `index_put_` — no Python ints from the data, so one graph serves all lengths.
 """
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from zoo.layers.linear import QKVParallelLinear, RowParallelLinear
 from zoo.layers.norm import RMSNorm
 from zoo.layers.ops import AttentionOps
 from zoo.layers.rotary import apply_rotary
-from zoo.parallel import TPContext
+from zoo.distributed.comm import TPContext
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.layers.linear import ColumnParallelLinear, Slice
-from zoo.parallel import SINGLE, TPContext, all_reduce
+from zoo.distributed.comm import SINGLE, TPContext, all_reduce
 
 
 def vocab_range(vocab_size: int, tp: TPContext) -> tuple[int, int, int]:

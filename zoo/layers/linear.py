@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.parallel import SINGLE, TPContext, all_gather_last_dim, all_reduce, wait
+from zoo.distributed.comm import SINGLE, TPContext, all_gather_last_dim, all_reduce, wait
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.layers.linear import MergedColumnParallelLinear, RowParallelLinear
-from zoo.parallel import TPContext
+from zoo.distributed.comm import TPContext
 
 
 class GatedMLP(nn.Module):

@@ -1,3 +1,2 @@
-from zoo.llama.modeling_llama import LlamaForCausalLM
-
-__all__ = ["LlamaForCausalLM"]
+"""`python -m zoo.llama.infer`: the generate CLI with the embedded tiny Llama as its default model.
+(The modeling code is zoo/models/llama.py.)"""

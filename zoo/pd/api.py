@@ -134,6 +134,16 @@ class LLMEngine:
         """The address decoders link to (the listen address, with the port actually bound)."""
         return self._prompt("address").address
 
+    @property
+    def store_port(self) -> int:
+        """PROMPT role: the port of the KV rendezvous TCPStore decoders connect to."""
+        return self._prompt("store_port").store_port
+
+    @property
+    def kv_backend(self) -> str:
+        """PROMPT role: the collective backend the KV travels over (gloo, nccl, hccl)."""
+        return self._prompt("kv_backend").backend
+
     def prefill(self, reqs: Sequence[LLMReq]) -> list[PrefillResult]:
         """Prefill here and hold each request's KV (keyed by req_id) until a decoder pulls it, it is
         released, or its TTL ends. A request that cannot run gets ok=False, the others go ahead."""

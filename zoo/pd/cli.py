@@ -19,17 +19,16 @@ import time
 
 import torch
 
-from zoo.api import embedded_model_path, load
-from zoo.engine import RequestError
+from zoo.api import load, load_from
+from zoo.entrypoints.options import add_model_options, handled_errors, report, settings_from_args
+from zoo.models import embedded_model_path
+from zoo.errors import RequestError
+from zoo.log import log
 from zoo.pd.api import LLMEngine
 from zoo.pd.protocol import LLMException
 from zoo.pd.request import LLMReq, LLMRole
 
 DEMO_PROMPTS = ["Beautiful is", "Explicit is", "Simple is", "Flat is"]
-
-
-def _log(msg: str) -> None:
-    print(f"[zoo.pd] {msg}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,17 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "loopback."))
     p.add_argument("--role", choices=["prompt", "decoder"], required=True)
     p.add_argument("--cluster-id", type=int, help="this process's cluster id (default: prompt 0, decoder 1)")
-    p.add_argument("--model-path", help="Hugging Face checkpoint folder (default: the embedded tiny Llama); "
-                                        "both roles must load the same model and dtype")
-    p.add_argument("--compiled", action="store_true", help="prefill / decode as torch.compile graphs")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-batch-size", type=int, help="KV-cache slots (default 8); the roles may differ")
-    p.add_argument("--max-seq-len", type=int)
+    add_model_options(p, exclude=("tp", "use_mc2", "tp_timeout_s"),
+                      defaults={"model_path": "(here: the embedded tiny Llama); both roles must load the same model "
+                                              "and dtype",
+                                "threads": "With both roles on one host, split the cores between them."})
     p.add_argument("--sync-kv-timeout", type=float, default=10.0, help="seconds for one KV pull (default 10)")
     p.add_argument("--link-timeout", type=float, default=10.0, help="seconds to link (default 10)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); with both roles on one "
-                                               "host, split the cores between them")
     g = p.add_argument_group("prompt role")
     g.add_argument("--listen", metavar="HOST:PORT", help="control address (port 0 = any free port)")
     g.add_argument("--store-port", type=int, default=0, help="rendezvous TCPStore port (default: any free port)")
@@ -78,15 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         return demo(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        model = load(args.model_path or embedded_model_path("llama"), device=args.device, dtype=args.dtype,
-                     compiled=args.compiled, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                     verbose=True)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model = load_from(settings_from_args(args, verbose=True))
+    except handled_errors() as e:
+        return report(e)
     try:
         return run_prompt(model, args) if args.role == "prompt" else run_decoder(model, args)
     except (LLMException, RequestError) as e:
@@ -105,18 +94,17 @@ def run_prompt(model, args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    server = engine._server
-    _log(f"prompt cluster {cluster_id} listening on {engine.address} (KV rendezvous store on port "
-         f"{server.store_port}, KV TTL {args.kv_ttl:g} s, {server.backend})")
+    log(f"prompt cluster {cluster_id} listening on {engine.address} (KV rendezvous store on port "
+        f"{engine.store_port}, KV TTL {args.kv_ttl:g} s, {engine.kv_backend})", source="zoo.pd")
     if args.ready_file:  # atomically: a reader never sees half a file
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"address": engine.address, "store_port": server.store_port, "pid": os.getpid(),
+            json.dump({"address": engine.address, "store_port": engine.store_port, "pid": os.getpid(),
                        "cluster_id": cluster_id}, f)
         os.replace(tmp, args.ready_file)
     while not stop.wait(0.5):
         pass
-    _log(f"prompt cluster {cluster_id} stopping")
+    log(f"prompt cluster {cluster_id} stopping", source="zoo.pd")
     engine.finalize()
     return 0
 
@@ -211,9 +199,9 @@ def _summary(engine: LLMEngine, results, wall: float) -> None:
     moved, secs, n = engine.kv_bytes_received, engine.kv_transfer_seconds, engine.kv_transfers
     per_pull = f", {secs / n * 1e3:.1f} ms per pull" if n else ""
     rate = f", {moved / secs / 1e9:.2f} GB/s" if secs and moved >= 2**20 else ""  # tiny KVs: latency, not rate
-    _log(f"{len(results)} request(s), {len(results) - len(ok)} failed, {new_tokens} new tokens in {wall:.2f} s | "
+    log(f"{len(results)} request(s), {len(results) - len(ok)} failed, {new_tokens} new tokens in {wall:.2f} s | "
          f"mean time to first token {ttft:.1f} ms (waiting for a free slot included) | KV pulled: {n} "
-         f"transfer(s), {moved} bytes{per_pull}{rate}")
+         f"transfer(s), {moved} bytes{per_pull}{rate}", source="zoo.pd")
 
 
 def _serve_stdin(engine: LLMEngine, args) -> int:
@@ -298,8 +286,8 @@ def demo(argv: list[str]) -> int:
             decoder.init({"sync_kv_timeout": 10.0})
             decoder.link(0, info["address"])
             reqs = [LLMReq(i, text, max_new_tokens=args.max_new_tokens) for i, text in enumerate(prompts)]
-            _log(f"decoder: {len(reqs)} prompts, {args.max_batch_size} batch slots; prefill in process "
-                 f"{info['pid']}, decode here (process {os.getpid()})")
+            log(f"decoder: {len(reqs)} prompts, {args.max_batch_size} batch slots; prefill in process "
+                 f"{info['pid']}, decode here (process {os.getpid()})", source="zoo.pd")
             start = time.perf_counter()
             results = stream_in_order(decoder, reqs, sys.stdout)
             _summary(decoder, results, time.perf_counter() - start)

@@ -28,15 +28,15 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.engine import PrefilledKV, Request, RequestError, StreamEvent, stream_events
+from zoo.engine import PrefilledKV, Request, StreamEvent, encode_prompt, stream_events
+from zoo.device import parse_dtype
 from zoo.pd import protocol as proto
 from zoo.pd.prompt import model_fingerprint
 from zoo.pd.protocol import LLMException, LLMStatusCode
 from zoo.pd.request import LLMReq, PrefillResult, sampling_from_wire, sampling_to_wire
 from zoo.pd.transport import DECODER_RANK, KVTransport, parse_address, store_client
-from zoo.sampling import SamplingParams
+from zoo.engine.sampling import SamplingParams
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -196,14 +196,14 @@ class Link:
                 if not 0 <= first_token < g.vocab_size:
                     raise proto.ProtocolError(f"first token {first_token} outside the vocabulary")
                 nbytes = proto.get(reply, "nbytes", (int,))
-                if nbytes != torch.Size(shape).numel() * _DTYPES[dtype].itemsize:
+                if nbytes != torch.Size(shape).numel() * parse_dtype(dtype).itemsize:
                     raise proto.ProtocolError(f"nbytes {nbytes} does not match shape {shape} {dtype}")
             except proto.ProtocolError as e:
                 self._break(f"bad pull reply from prompt cluster {self.cluster_id}: {e.message}")
                 raise
             before = self.transport.bytes_received
             try:
-                kv = self.transport.recv(shape, _DTYPES[dtype], tag)  # [2 * layers, KV, prompt_len, hd]
+                kv = self.transport.recv(shape, parse_dtype(dtype), tag)  # [2 * layers, KV, prompt_len, hd]
             except RuntimeError as e:  # gloo: timed out, or the peer's socket closed
                 timed_out = "Timed out" in str(e) or "timeout" in str(e).lower()
                 self._break(f"receiving the KV of request {req_id} from prompt cluster {self.cluster_id} "
@@ -613,16 +613,7 @@ class _Fetcher(threading.Thread):
 
 def prompt_ids(model, req: LLMReq) -> list[int]:
     """A request's prompt as token ids (text is tokenized with the model's tokenizer)."""
-    p = req.prompt
-    if isinstance(p, str):
-        if model.tokenizer is None:
-            raise RequestError(f"{model.path!r} has no tokenizer; pass request {req.req_id}'s prompt as token ids")
-        if not p:
-            raise RequestError(f"request {req.req_id}: the prompt is empty")
-        return model.tokenizer.encode(p)
-    if isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return list(p)
-    raise RequestError(f"request {req.req_id}: the prompt must be a string or a list of token ids")
+    return encode_prompt(model.tokenizer, req.prompt, f"request {req.req_id}'s prompt", model.path)
 
 
 def _release_quietly(link: Link, req_id: int) -> None:
@@ -633,26 +624,12 @@ def _release_quietly(link: Link, req_id: int) -> None:
 
 
 def merge_into_slot(engine, request: Request, prefilled: PrefilledKV, slot: int) -> None:
-    """Merge a prefilled request into a chosen free batch slot, now.
-
-    Composition over zoo.engine: Engine.submit_prefilled validates and queues (the engine then
-    takes the lowest free slot); here the request is taken straight back out of the queue and
-    started in `slot`. The engine change that would replace this: an optional `slot` argument to
-    Engine.submit_prefilled plus KVCache.alloc(slot=None)."""
+    """Merge a prefilled request into a chosen free batch slot, now (Engine.submit_prefilled(slot=))."""
+    cache = engine.cache
+    if not (isinstance(slot, int) and not isinstance(slot, bool) and 0 <= slot < cache.num_slots):
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"batch_index {slot!r} is outside [0, {cache.num_slots})")
     with engine.lock:
-        cache = engine.cache
-        if not (isinstance(slot, int) and 0 <= slot < cache.num_slots):
+        if not cache.is_free(slot):
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               f"batch_index {slot!r} is outside [0, {cache.num_slots})")
-        if slot not in cache._free:
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               f"batch_index {slot} is in use; free slots: {sorted(cache._free)}")
-        engine.submit_prefilled(request, prefilled)  # shape checks + the seeded first-token noise draw
-        engine.waiting.remove(request)
-        cache._free.remove(slot)
-        try:
-            cache.import_slot(slot, prefilled.k, prefilled.v)
-        except Exception:
-            cache.free(slot)
-            raise
-        engine._start([request], [slot], [prefilled.first_token])
+                               f"batch_index {slot} is in use; free slots: {cache.free_slots()}")
+        engine.submit_prefilled(request, prefilled, slot=slot)

@@ -27,7 +27,7 @@ from zoo.pd import protocol as proto
 from zoo.pd.protocol import LLMException, LLMStatusCode
 from zoo.pd.request import sampling_from_wire, sampling_to_wire
 from zoo.pd.transport import PROMPT_RANK, KVTransport, store_server
-from zoo.sampling import SamplingParams
+from zoo.engine.sampling import SamplingParams
 
 _FORGET_AFTER = 10_000  # how many released req ids we remember, for clearer "not found" errors
 

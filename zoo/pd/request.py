@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass
 
 from zoo.pd.protocol import LLMException, LLMStatusCode
-from zoo.sampling import SamplingParams
+from zoo.engine.sampling import SamplingParams
 
 
 class LLMRole(enum.Enum):

@@ -6,38 +6,20 @@ import logging
 import socket
 import sys
 
-from zoo.api import embedded_model_path, load
-from zoo.compile_config import CompileConfigError
-from zoo.config import ConfigError
-from zoo.device import DeviceError
-from zoo.loader import CheckpointError
+from zoo.api import load_from
+from zoo.entrypoints.options import add_model_options, handled_errors, report, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zoo.serve",
                                 description="OpenAI-compatible HTTP server (completions, chat completions, "
                                             "streaming, /metrics) on zoo's continuous-batching engine.")
-    m = p.add_argument_group("model")
-    m.add_argument("--model-path", help="Hugging Face checkpoint folder (default: the embedded tiny Llama)")
-    m.add_argument("--compiled", nargs="?", const=True, default=False, metavar="EXPORT_DIR",
-                   help="run prefill/decode as compiled graphs (torch.compile, cached on disk), or the "
-                        "AOTInductor graphs `python -m zoo.export` wrote to EXPORT_DIR")
+    m = add_model_options(p, exclude=("tp", "use_mc2", "tp_timeout_s"),
+                          defaults={"model_path": "(here: the embedded tiny Llama)"})
     m.add_argument("--warmup", nargs="?", const="all", metavar="PROMPT_LENS",
                    help="build the graphs before listening (otherwise each bucket compiles on first use): every "
                         "bucket, or only the prefill buckets of these comma-separated prompt lengths (all batch "
                         "sizes), e.g. --warmup 32,128")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    m.add_argument("--device", default="cpu", help="cpu | cuda[:N] | npu[:N]")
-    m.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core); on a "
-                                              "CPU shared with other busy processes, fewer threads avoid OpenMP "
-                                              "threads waiting on each other")
-    m.add_argument("--max-batch-size", type=int, help="KV-cache slots = most requests decoding at once (default 8)")
-    m.add_argument("--max-seq-len", type=int, help="tokens per slot, prompt + completion "
-                                                   "(default: min(max_position_embeddings, 2048))")
-    m.add_argument("--compile-config", metavar="FILE", help="compile config TOML")
-    m.add_argument("--cache-dir", help="graph cache root (default: ~/.cache/zoo or $ZOO_CACHE_DIR)")
-    m.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an inductor option (repeatable)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one; the line '[zoo] listening on "
@@ -50,21 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     return p
-
-
-def _inductor_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE -> (key, bool | int | float | str)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--inductor-option expects KEY=VALUE, got {text!r}")
-    if value.lower() in ("true", "false"):
-        return key, value.lower() == "true"
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,30 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)  # before the engine thread starts: it inherits the setting
     try:
-        model = load(args.model_path or embedded_model_path("llama"), device=args.device, dtype=args.dtype,
-                     compiled=args.compiled, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                     compile_config=args.compile_config, cache_dir=args.cache_dir,
-                     inductor_options=dict(_inductor_option(o) for o in args.inductor_option), verbose=True)
+        # --threads applies here, before the engine thread starts: it inherits the setting
+        model = load_from(settings_from_args(args, verbose=True))
         if args.warmup:
             lens = None if args.warmup == "all" else [int(x) for x in args.warmup.split(",") if x]
             model.warmup(prompt_lens=lens)
-    except (FileNotFoundError, ConfigError, CompileConfigError, CheckpointError, DeviceError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except handled_errors() as e:
         sock.close()
-        return 2
+        return report(e)
     settings = ServerSettings(served_model_name=args.served_model_name or default_model_name(model),
                               max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
                               chat_template=chat_template)
     app = create_app(model, settings)
 
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"[zoo] serving `{settings.served_model_name}` (max batch {model.engine.cache.num_slots}, max_seq_len "
-          f"{model.engine.max_seq_len})", file=sys.stderr)
+    print(f"[zoo] serving `{settings.served_model_name}` (max batch {model.kv_cache.num_slots}, max_seq_len "
+          f"{model.max_seq_len})", file=sys.stderr)
     print(f"[zoo] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

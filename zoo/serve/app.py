@@ -26,12 +26,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo.engine import Request as EngineRequest
-from zoo.engine import RequestError, StreamEvent
-from zoo.sampling import SamplingParams
+from zoo.engine import StreamEvent
+from zoo.errors import RequestError
+from zoo.engine.sampling import SamplingParams
 from zoo.serve.engine_loop import EngineLoop, EngineStopped
 from zoo.serve.metrics import Metrics
 from zoo.serve.protocol import APIError, ChatCompletionBody, CompletionBody, bad_request, parse_body
-from zoo.tokenizer import ChatTemplateError
+from zoo.tokenizers.base import ChatTemplateError
 
 log = logging.getLogger("zoo.serve")
 

@@ -1,9 +1,10 @@
 """Compiled graphs kept on disk, one directory per cache key.
 
-The key covers everything that changes compiled code: a hash of the modeling source (every class
-in the model's MRO and the shared layers — an edit to the forward gives a new key, unlike
-torchair's cache_compile, whose key ignores forward code), the compile config, dtype, buckets, KV
-cache geometry, model config, device, and the torch / Python / zoo versions.
+The key covers everything that changes compiled code: a hash of every source file traced into the
+graphs (the model registry lists them per model and backend: zoo.models.ModelSpec.traced_files —
+an edit to the forward gives a new key, unlike torchair's cache_compile, whose key ignores forward
+code, while an edit to code that only drives the graphs does not), the compile config, dtype,
+buckets, KV cache geometry, model config, device, and the torch / Python / zoo versions.
 
 The directory is inductor's cache dir (TORCHINDUCTOR_CACHE_DIR) while zoo compiles into it.
 Inductor's FX-graph and AOTAutograd caches then turn the next process's compile into a cache
@@ -24,51 +25,39 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import inspect
 import json
 import os
 import platform
 import shutil
-import sys
 
 import torch
 
-import zoo
-import zoo.layers
+from zoo._version import __version__
+from zoo.log import log
+from zoo.models.registry import ZOO_DIR
 
 MANIFEST = "zoo-manifest.json"
 ISA_RECORD = "cpu_isa.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the source hash covers every traced file (registry list)
 _SKIP_DIRS = {"locks"}  # inductor's lock files come and go
 
 
-def _log(msg: str) -> None:
-    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
-
-
-def modeling_source_hash(module: torch.nn.Module) -> str:
-    """sha256 over the source files of the model's classes and of zoo.layers (the forward code)."""
-    files = set()
-    for cls in type(module).__mro__:
-        source = inspect.getsourcefile(cls) if cls.__module__ not in ("builtins",) else None
-        if source and not cls.__module__.startswith("torch"):
-            files.add(os.path.realpath(source))
-    layers_dir = os.path.dirname(zoo.layers.__file__)
-    files.update(os.path.join(layers_dir, f) for f in os.listdir(layers_dir) if f.endswith(".py"))
+def source_hash(files: list[str], root: str = ZOO_DIR) -> str:
+    """sha256 over the named source files (paths relative to the zoo package at `root`), names included."""
     digest = hashlib.sha256()
-    for path in sorted(files):
-        with open(path, "rb") as f:
-            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
+    for rel in sorted(files):
+        with open(os.path.join(root, rel), "rb") as f:
+            digest.update(rel.encode() + b"\0" + f.read() + b"\0")
     return digest.hexdigest()
 
 
-def cache_key_fields(module, compile_fingerprint: dict, dtype: torch.dtype, buckets, cache_shape: tuple,
-                     device: torch.device) -> dict:
+def cache_key_fields(traced_files: list[str], model_config: dict, compile_fingerprint: dict, dtype: torch.dtype,
+                     buckets, cache_shape: tuple, device: torch.device) -> dict:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     return {
         "format": FORMAT_VERSION,
-        "modeling_source": modeling_source_hash(module),
-        "model_config": hashlib.sha256(json.dumps(module.config.raw, sort_keys=True).encode()).hexdigest(),
+        "traced_source": source_hash(traced_files),
+        "model_config": hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest(),
         "compile_config": compile_fingerprint,
         "dtype": str(dtype),
         "buckets": {"batch_sizes": list(buckets.batch_sizes), "prefill_lens": list(buckets.prefill_lens),
@@ -77,7 +66,7 @@ def cache_key_fields(module, compile_fingerprint: dict, dtype: torch.dtype, buck
         "device": f"{device.type}:{device_name}",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "zoo": zoo.__version__,
+        "zoo": __version__,
     }
 
 
@@ -108,7 +97,7 @@ class GraphCache:
         problem = self.verify()
         if problem is None:
             return "warm"
-        _log(f"graph cache {self.dir}: {problem}; rebuilding it")
+        log(f"graph cache {self.dir}: {problem}; rebuilding it")
         shutil.rmtree(self.dir)
         os.makedirs(self.dir)
         return f"rebuilt ({problem})"

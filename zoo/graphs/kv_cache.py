@@ -36,13 +36,40 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def scratch_prefill_inputs(self, B: int, S: int) -> tuple:
+        """prefill inputs of shape [B, S] whose writes all land in the scratch slot (warm-up, export)."""
+        dev = self.k[0].device
+        return (torch.zeros(B, S, dtype=torch.long, device=dev),  # input_ids [B, S]
+                torch.ones(B, dtype=torch.long, device=dev),  # lengths [B]
+                torch.full((B,), self.scratch_slot, dtype=torch.long, device=dev),  # slot_ids [B]
+                self.k, self.v)
+
+    def scratch_decode_inputs(self, B: int) -> tuple:
+        """decode inputs of batch B whose writes all land at the scratch position (warm-up, export)."""
+        dev = self.k[0].device
+        return (torch.zeros(B, 1, dtype=torch.long, device=dev),  # input_ids [B, 1]
+                torch.full((B,), self.scratch_position, dtype=torch.long, device=dev),  # positions [B]
+                self.k, self.v)
+
     def num_free(self) -> int:
         return len(self._free)
 
-    def alloc(self) -> int:
-        """The lowest free slot, so the decode batch (slots [0, B)) stays as small as possible."""
+    def is_free(self, slot) -> bool:
+        return isinstance(slot, int) and slot in self._free
+
+    def free_slots(self) -> list[int]:
+        return sorted(self._free)
+
+    def alloc(self, slot: int | None = None) -> int:
+        """Take `slot`, or by default the lowest free slot, so the decode batch (slots [0, B))
+        stays as small as possible."""
         if not self._free:
             raise RuntimeError("no free KV-cache slot")
+        if slot is not None:
+            if slot not in self._free:
+                raise ValueError(f"slot {slot!r} is not free")
+            self._free.remove(slot)
+            return slot
         self._free.sort()
         return self._free.pop(0)
 

@@ -1,11 +1,12 @@
 """Compile configs: how a model family is compiled on a device, as a validated TOML file.
 
-One file per family x device ships in zoo/compile_configs/ (llama.cpu.toml, qwen.cuda.toml, ...);
+One file per model family x device ships in zoo/graphs/configs/ (llama.cpu.toml, qwen.cuda.toml, ...;
+the model registry names each architecture's file stem);
 `zoo.load(compile_config=FILE)` / `--compile-config FILE` use another. The format:
 
     backend = "inductor"            # inductor (cpu, cuda) | torchair (npu)
     mode = "default"                # inductor: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
-    graph_cache = true              # keep compiled graphs on disk (zoo.graph_cache)
+    graph_cache = true              # keep compiled graphs on disk (zoo.graphs.cache)
 
     [buckets]                       # optional; cut at / extended to max_batch_size and max_seq_len
     batch_sizes = [1, 2, 4, 8]
@@ -25,29 +26,21 @@ Any unknown key or wrong value raises CompileConfigError naming the key and the 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tomllib
 from dataclasses import dataclass, field
 
 import torch
 
+from zoo.errors import CompileConfigError
 from zoo.backends.npu import validate_options as validate_torchair_options
-from zoo.graphs import Buckets
+from zoo.device import DTYPE_CHOICES, parse_dtype
+from zoo.graphs.buckets import Buckets
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "compile_configs")
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 BACKENDS = ("inductor", "torchair")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOP_LEVEL = {"backend", "mode", "graph_cache", "buckets", "inductor", "torchair"}
-# file-name stem per model family
-# every Qwen generation compiles with the qwen configs (one modeling code path: Llama's entry points)
-_FAMILY_FILES = {"llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "qwen": "qwen"}
-
-
-class CompileConfigError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -67,8 +60,8 @@ class CompileConfig:
         """What torch.compile(options=...) gets: the mode's options, then ours, then the dtype's."""
         options = {} if self.mode == "default" else dict(torch._inductor.list_mode_options(self.mode))
         options.update(self.inductor)
-        for name, dt in DTYPE_NAMES.items():
-            if dt == dtype:
+        for name in DTYPE_CHOICES:
+            if parse_dtype(name) == dtype:
                 options.update(self.inductor_by_dtype.get(name, {}))
         return options
 
@@ -78,14 +71,6 @@ class CompileConfig:
                        _fit(self.prefill_lens, max_seq_len) or default.prefill_lens,
                        _fit(self.context_lens, max_seq_len) or ())
 
-    def fingerprint(self) -> dict:
-        """The parts that change compiled code (not the file path), for the graph-cache key."""
-        return {"backend": self.backend, "mode": self.mode, "inductor": self.inductor,
-                "inductor_by_dtype": self.inductor_by_dtype, "torchair": self.torchair}
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
-
 
 def _fit(sizes: tuple[int, ...] | None, limit: int) -> tuple[int, ...] | None:
     """Bucket sizes below `limit`, then `limit` itself: buckets must reach the configured maximum."""
@@ -94,8 +79,9 @@ def _fit(sizes: tuple[int, ...] | None, limit: int) -> tuple[int, ...] | None:
     return tuple([s for s in sizes if s < limit] + [limit])
 
 
-def default_config_path(family: str, device_type: str) -> str:
-    return os.path.join(CONFIG_DIR, f"{_FAMILY_FILES.get(family, family)}.{device_type}.toml")
+def default_config_path(stem: str, device_type: str) -> str:
+    """The shipped config for a model's file stem (zoo.models.ModelSpec.compile_config) on a device."""
+    return os.path.join(CONFIG_DIR, f"{stem}.{device_type}.toml")
 
 
 def load_compile_config(path: str) -> CompileConfig:
@@ -161,7 +147,7 @@ def _parse_inductor(table, fail) -> tuple[dict, dict]:
     known = set(torch._inductor.list_options())
     common, by_dtype = {}, {}
     for key, value in table.items():
-        if key in DTYPE_NAMES:
+        if key in DTYPE_CHOICES:
             if not isinstance(value, dict):
                 fail(f"inductor.{key}", "must be a table of inductor options")
             for sub, sub_value in value.items():

@@ -25,9 +25,7 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,11 +34,9 @@ from torch.utils import _pytree as pytree
 import torch._inductor
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default_cache_dir
 
-from zoo.device import default_cache_dir
-from zoo.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from zoo.api import Model
+from zoo.device import default_cache_dir, dtype_name
+from zoo.graphs.kv_cache import KVCache
+from zoo.log import log
 
 FORMAT = "zoo-aoti"
 FORMAT_VERSION = 1
@@ -49,10 +45,6 @@ MANIFEST = "manifest.json"
 # Weights stay out of the shared library; freezing is off because it would fold weights into new
 # constants the module does not have (so they could not be fed from the module at load time).
 INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "freezing": False}
-
-
-def _log(msg: str) -> None:
-    print(f"[zoo] {msg}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -110,10 +102,6 @@ def config_hash(raw_config: dict) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _module_dtype(module: nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
@@ -132,29 +120,13 @@ def _identity(module: nn.Module, cache: KVCache) -> dict:
         "family": config.family,
         "architecture": config.architecture,
         "config_sha256": config_hash(config.raw),
-        "dtype": _dtype_name(_module_dtype(module)),
+        "dtype": dtype_name(_module_dtype(module)),
         "device": cache.k[0].device.type,
         "cache": cache_geometry(cache),
     }
 
 
 # ---- export -----------------------------------------------------------------------------------
-def _prefill_inputs(cache: KVCache, B: int, S: int) -> tuple:
-    """Example inputs whose writes land in the scratch slot only (export does not run them anyway)."""
-    dev = cache.k[0].device
-    return (torch.zeros(B, S, dtype=torch.long, device=dev),  # input_ids [B, S]
-            torch.ones(B, dtype=torch.long, device=dev),  # lengths [B]
-            torch.full((B,), cache.scratch_slot, dtype=torch.long, device=dev),  # slot_ids [B]
-            cache.k, cache.v)
-
-
-def _decode_inputs(cache: KVCache, B: int) -> tuple:
-    dev = cache.k[0].device
-    return (torch.zeros(B, 1, dtype=torch.long, device=dev),  # input_ids [B, 1]
-            torch.full((B,), cache.scratch_position, dtype=torch.long, device=dev),  # positions [B]
-            cache.k, cache.v)
-
-
 def _check_buckets(name: str, values, limit: int, limit_name: str) -> tuple[int, ...]:
     values = tuple(sorted(set(int(v) for v in values)))
     if not values or values[0] < 1:
@@ -180,18 +152,17 @@ def _export_one(wrapper: nn.Module, args: tuple, package_path: str, tensors: dic
         if fqn not in tensors:
             raise RuntimeError(f"exported graph reads {fqn!r}, which is not a parameter or buffer of the module")
         t = tensors[fqn]
-        constants[fqn] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        constants[fqn] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
     torch._inductor.aoti_compile_and_package(ep, package_path=package_path, inductor_configs=INDUCTOR_CONFIGS)
     return constants
 
 
-def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_lens: list[int],
+def export_graphs(module: nn.Module, cache: KVCache, out_dir: str, batch_sizes: list[int], prefill_lens: list[int],
                   context_lens: list[int] = ()) -> str:
-    """Export the model's prefill graph for every (B in batch_sizes, S in prefill_lens) and its decode
+    """Export the module's prefill graph for every (B in batch_sizes, S in prefill_lens) and its decode
     graph for every B (and every context bucket L in context_lens, which must end at max_seq_len;
     none: decode attends over the whole cache), as AOTInductor packages under out_dir, plus
     out_dir/manifest.json. Returns out_dir."""
-    module, cache = model.module, model.engine.cache
     batch_sizes = _check_buckets("batch_sizes", batch_sizes, cache.num_slots, "max_batch_size")
     prefill_lens = _check_buckets("prefill_lens", prefill_lens, cache.max_seq_len, "max_seq_len")
     if context_lens:
@@ -212,17 +183,17 @@ def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_
     start = time.perf_counter()
     for i, (kind, B, S) in enumerate(jobs, start=1):
         if kind == "prefill":
-            file, wrapper, args = f"prefill_b{B}_s{S}.pt2", _PrefillGraph(module), _prefill_inputs(cache, B, S)
+            file, wrapper, args = f"prefill_b{B}_s{S}.pt2", _PrefillGraph(module), cache.scratch_prefill_inputs(B, S)
         else:
             file = f"decode_b{B}.pt2" if S is None else f"decode_b{B}_c{S}.pt2"
-            wrapper, args = _DecodeGraph(module, S), _decode_inputs(cache, B)
+            wrapper, args = _DecodeGraph(module, S), cache.scratch_decode_inputs(B)
         what = f"{kind} graph for batch {B}" + (f", {'length' if kind == 'prefill' else 'context'} {S}" if S else "")
-        _log(f"[{i}/{len(jobs)}] exporting {what} with AOTInductor -> {file}")
+        log(f"[{i}/{len(jobs)}] exporting {what} with AOTInductor -> {file}")
         t0 = time.perf_counter()
         with _zoo_inductor_cache_dir():
             constants.update(_export_one(wrapper, args, os.path.join(out_dir, file), tensors))
         size = os.path.getsize(os.path.join(out_dir, file))
-        _log(f"  ... {time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB")
+        log(f"  ... {time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB")
         shape = {"batch_size": B} if S is None else {"batch_size": B,
                                                      "prefill_len" if kind == "prefill" else "context_len": S}
         graphs[kind].append({**shape, "file": file, "bytes": size})
@@ -243,7 +214,7 @@ def export_graphs(model: "Model", out_dir: str, batch_sizes: list[int], prefill_
     os.replace(tmp, manifest_path)  # written last: its presence means every package is there
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors.values()}.values())
     pkg_bytes = sum(g["bytes"] for kind in graphs.values() for g in kind)
-    _log(f"exported {len(jobs)} graphs to {out_dir} in {time.perf_counter() - start:.1f} s: "
+    log(f"exported {len(jobs)} graphs to {out_dir} in {time.perf_counter() - start:.1f} s: "
          f"{pkg_bytes / 2**20:.1f} MiB of packages; the {weight_bytes / 2**20:.1f} MiB of weights are not in them")
     return out_dir
 
@@ -293,9 +264,9 @@ def _check_constants(export_dir: str, wanted: dict, tensors: dict[str, torch.Ten
         t = tensors.get(fqn)
         if t is None:
             raise ValueError(f"{export_dir!r}: the graphs read {fqn!r}, which the given module does not have")
-        if list(t.shape) != spec["shape"] or _dtype_name(t.dtype) != spec["dtype"] or t.device.type != device:
+        if list(t.shape) != spec["shape"] or dtype_name(t.dtype) != spec["dtype"] or t.device.type != device:
             raise ValueError(f"{export_dir!r}: the graphs read {fqn!r} as {spec['shape']} {spec['dtype']} on "
-                             f"{device}, but the given module's is {list(t.shape)} {_dtype_name(t.dtype)} "
+                             f"{device}, but the given module's is {list(t.shape)} {dtype_name(t.dtype)} "
                              f"on {t.device.type}")
         if not t.is_contiguous():
             raise ValueError(f"{export_dir!r}: the module's {fqn!r} is not contiguous")
@@ -327,9 +298,9 @@ class ExportedGraphs:
         start = time.perf_counter()
         manifest = read_manifest(export_dir)
         _check_matches(export_dir, manifest, _identity(module, cache))
-        if _dtype_name(cache.k[0].dtype) != manifest["dtype"]:
+        if dtype_name(cache.k[0].dtype) != manifest["dtype"]:
             raise ValueError(f"{export_dir!r} was exported with dtype={manifest['dtype']!r}, but the given cache "
-                             f"has dtype={_dtype_name(cache.k[0].dtype)!r}")
+                             f"has dtype={dtype_name(cache.k[0].dtype)!r}")
         tensors = _module_tensors(module)
         _check_constants(export_dir, manifest["constants"], tensors, manifest["device"])
         n_layers = len(cache.k)

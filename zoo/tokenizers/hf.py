@@ -1,38 +1,18 @@
-"""The tokenizer a checkpoint ships, behind one small interface the engine, CLI and server use.
-
-Hugging Face tokenizer files (tokenizer.json, tokenizer.model, ...) load with AutoTokenizer, local
-files only. A first-generation Qwen folder (qwen.tiktoken) loads with tiktoken instead
-(zoo.qwen.tokenization_qwen1). Both give encode / decode / eos_token_id and chat templating.
-"""
+"""Tokenizers that ship as Hugging Face tokenizer files (tokenizer.json, tokenizer.model, ...),
+loaded with AutoTokenizer from local files only."""
 from __future__ import annotations
 
-import os
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-QWEN1_TOKENIZER_FILE = "qwen.tiktoken"
-
-# End-of-turn tokens of the chat formats zoo knows; a chat reply stops at whichever the vocab has.
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
+from zoo.errors import ChatTemplateError
+from zoo.tokenizers.base import END_OF_TURN_TOKENS
 
 
-class ChatTemplateError(ValueError):
-    """The model's tokenizer has no chat template, so messages cannot be turned into a prompt."""
-
-
-class Tokenizer:
+class HFTokenizer:
     def __init__(self, hf_tokenizer, model_dir: str = ""):
         self.hf = hf_tokenizer
         self.model_dir = model_dir
 
     @classmethod
-    def from_dir(cls, model_dir: str) -> "Tokenizer | None":
-        """None when the folder has no tokenizer files (then prompts must be token ids)."""
-        if os.path.isfile(os.path.join(model_dir, QWEN1_TOKENIZER_FILE)):
-            from zoo.qwen.tokenization_qwen1 import Qwen1Tokenizer
-
-            return Qwen1Tokenizer.from_dir(model_dir)
-        if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
-            return None
+    def from_dir(cls, model_dir: str) -> "HFTokenizer":
         from transformers import AutoTokenizer
 
         try:
@@ -73,19 +53,3 @@ class Tokenizer:
         """Tokens that end an assistant turn (besides EOS), e.g. Llama 3's <|eot_id|>."""
         vocab = self.hf.get_vocab()
         return tuple(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-
-
-class IncrementalDetokenizer:
-    """Text of the generated tokens so far, decoded with a few prompt tokens in front so that
-    tokenizers that drop a leading space on the first token (sentencepiece) stay correct."""
-
-    CONTEXT = 4
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
-        self.tokenizer = tokenizer
-        self.context = list(prompt_ids[-self.CONTEXT:])
-        self.prefix = tokenizer.decode(self.context)
-
-    def text(self, output_ids: list[int]) -> str:
-        full = self.tokenizer.decode(self.context + list(output_ids))
-        return full[len(self.prefix):] if full.startswith(self.prefix) else self.tokenizer.decode(output_ids)

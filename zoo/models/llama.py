@@ -7,7 +7,7 @@ Lengths, positions and batch slots are tensors, never Python ints taken from dat
 serves every prompt length inside its bucket. The KV cache is one k and one v tensor per layer,
 shape [slots, KV, T, hd], passed in and updated in place. Decode row i always uses cache slot i.
 
-Tensor parallelism: the layers take a TPContext (zoo.parallel) and hold this rank's shard
+Tensor parallelism: the layers take a TPContext (zoo.distributed.comm) and hold this rank's shard
 (zoo.layers.linear / embedding); this file does no rank arithmetic. KV is then this rank's kv heads.
 With no TPContext (or world size 1) every layer is the plain single-device one.
 """
@@ -17,7 +17,7 @@ from torch import nn
 from zoo.config import ModelConfig
 from zoo.layers import (Attention, AttentionMetadata, GatedMLP, ParallelLMHead, RMSNorm, RotaryEmbedding,
                         VocabParallelEmbedding)
-from zoo.parallel import TPContext, as_context
+from zoo.distributed.comm import TPContext, as_context
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -66,6 +66,18 @@ class LlamaForCausalLM(nn.Module):
         self.num_local_kv_heads = self.model.layers[0].self_attn.num_kv_heads
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
+    # ---- config.json ---------------------------------------------------------------------------
+    @classmethod
+    def hf_config_as_llama(cls, raw: dict, source: str) -> dict:
+        """config.json in Llama's field names (what ModelConfig.from_hf reads); Llama's already are."""
+        return raw
+
+    @classmethod
+    def hf_config_flags(cls, raw: dict, source: str) -> dict:
+        """What this architecture's config means for the shared layers (ModelConfig.from_hf keywords)."""
+        bias = bool(raw.get("attention_bias", False))
+        return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": bool(raw.get("mlp_bias", False))}
+
     # ---- weights ---------------------------------------------------------------------------
     def checkpoint_sources(self) -> dict[str, list[str]]:
         """Each parameter to load -> the checkpoint tensor names it is built from."""
@@ -80,15 +92,6 @@ class LlamaForCausalLM(nn.Module):
             else:
                 plan[name] = [name]
         return plan
-
-    def fused_row_split(self, name: str) -> list[int]:
-        """Rows each checkpoint piece takes in the fused parameter `name` (for shape checks)."""
-        c = self.config
-        if ".qkv_proj." in name:
-            return [c.q_size, c.kv_size, c.kv_size]
-        if ".gate_up_proj." in name:
-            return [c.intermediate_size, c.intermediate_size]
-        raise KeyError(name)
 
     def set_attention_ops(self, ops) -> None:
         """Use a device backend's KV-write / attention kernels in every layer (zoo.layers.ops)."""

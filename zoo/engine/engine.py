@@ -13,110 +13,20 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from zoo.graphs import GraphRunner
-from zoo.kv_cache import KVCache
-from zoo.sampling import SamplingParams, sample
-from zoo.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-class RequestError(ValueError):
-    """A request that cannot be run (empty, too long, bad parameters); nothing was queued."""
-
-
-@dataclass
-class StreamEvent:
-    index: int  # which prompt of the call
-    text: str  # new text since the previous event of this request
-    token_ids: list[int]  # new token ids since the previous event
-    finish_reason: str | None = None  # set on the last event: "stop" | "length" | "error"
-
-
-@dataclass
-class GenerationResult:
-    index: int
-    prompt: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # new tokens only (an EOS / stop token that ended it is included)
-    text: str  # decoded new tokens, special tokens skipped, cut before a matched stop string
-    finish_reason: str
-    ttft_ms: float  # submit -> first new token
-    tpot_ms: float | None  # mean time per output token after the first
-    error: str | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-
-@dataclass
-class PrefilledKV:
-    """A prompt prefilled elsewhere: its first sampled token and its KV, per layer [KV, prompt_len, hd]."""
-
-    first_token: int
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-@dataclass(eq=False)  # requests compare by identity (engine.abort looks them up in the queue)
-class Request:
-    index: int
-    prompt: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    detokenizer: IncrementalDetokenizer | None
-    generator: torch.Generator | None
-    slot: int | None = None
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted_chars: int = 0
-    emitted_tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-    t_submit: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-    t_done: float | None = None
-    events: deque = field(default_factory=deque)
-    prefilled: PrefilledKV | None = None  # set for requests prefilled by another engine
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def result(self) -> GenerationResult:
-        ttft = (self.t_first - self.t_submit) * 1e3 if self.t_first else float("nan")
-        n = len(self.output_ids)
-        tpot = (self.t_done - self.t_first) * 1e3 / (n - 1) if self.t_first and self.t_done and n > 1 else None
-        return GenerationResult(self.index, self.prompt, self.prompt_ids, list(self.output_ids), self.text,
-                                self.finish_reason, ttft, tpot, self.error)
-
-
-def stream_events(requests: list["Request"], advance: Callable[[], None],
-                  abort: Callable[[list["Request"], str], None]) -> Iterator[StreamEvent]:
-    """Yield the requests' StreamEvents as they are produced, calling advance() (one engine step)
-    whenever none is pending, until every request has finished. Closing the iterator early calls
-    abort() on them (it must skip finished ones)."""
-    try:
-        while True:
-            for req in requests:
-                while req.events:
-                    yield req.events.popleft()
-            if all(r.finished and not r.events for r in requests):
-                return
-            advance()
-    finally:
-        abort(requests, "the stream was closed before the request finished")
+from zoo.engine.request import PrefilledKV, Request, StreamEvent
+from zoo.engine.sampling import SamplingParams, sample
+from zoo.errors import RequestError
+from zoo.graphs.kv_cache import KVCache
+from zoo.graphs.runner import GraphRunner
+from zoo.tokenizers.base import IncrementalDetokenizer, Tokenizer
 
 
 class Engine:
+    """Continuous batching over one model's GraphRunner and KV cache (see the module docstring)."""
+
     def __init__(self, runner: GraphRunner, cache: KVCache, tokenizer: Tokenizer | None,
                  eos_token_ids: set[int], max_seq_len: int, vocab_size: int):
         self.runner, self.cache, self.tokenizer = runner, cache, tokenizer
@@ -257,18 +167,31 @@ class Engine:
                 for slot in slots:
                     self.cache.free(slot)
 
-    def submit_prefilled(self, request: Request, prefilled: PrefilledKV) -> None:
-        """DECODER role: queue a request whose prompt was prefilled elsewhere; it is merged into a free
-        slot (KVCache.import_slot) and decodes from its first token on."""
+    def submit_prefilled(self, request: Request, prefilled: PrefilledKV, slot: int | None = None) -> None:
+        """DECODER role: a request whose prompt was prefilled elsewhere. Without `slot` it is queued
+        and merged into the lowest free slot at admission; with `slot` (a free one) it is merged
+        into that slot now and decodes from the next step (the seed's merge_kv(batch_index=N))."""
         n = len(request.prompt_ids)
         if any(k.shape[1] != n for k in prefilled.k + prefilled.v) or len(prefilled.k) != len(self.cache.k):
             raise RequestError(f"prefilled KV does not match the request: expected {len(self.cache.k)} layers "
                                f"of {n} positions, got {[list(k.shape) for k in prefilled.k[:1]]}")
-        request.prefilled = prefilled
-        if request.generator is not None and not request.params.greedy:
-            # the prompt side drew the first token's noise; draw it here too to stay in step
-            torch.empty(self.vocab_size, device=self.runner.device).exponential_(generator=request.generator)
-        self.submit([request])
+        with self.lock:
+            if slot is not None and not self.cache.is_free(slot):
+                raise RequestError(f"slot {slot!r} is not a free KV-cache slot; free slots: {self.cache.free_slots()}")
+            request.prefilled = prefilled
+            if request.generator is not None and not request.params.greedy:
+                # the prompt side drew the first token's noise; draw it here too to stay in step
+                torch.empty(self.vocab_size, device=self.runner.device).exponential_(generator=request.generator)
+            if slot is None:
+                self.submit([request])
+                return
+            self.cache.alloc(slot)
+            try:
+                self.cache.import_slot(slot, prefilled.k, prefilled.v)
+            except Exception:
+                self.cache.free(slot)
+                raise
+            self._start([request], [slot], [prefilled.first_token])
 
     def _decode_step(self) -> None:
         B = self.runner.buckets.batch_for(max(self.running) + 1)

@@ -1,7 +1,7 @@
 """First-generation Qwen's tokenizer: a tiktoken byte-level BPE (qwen.tiktoken) plus special tokens.
 
 The Hub ships it as remote code (QWenTokenizer); zoo rebuilds it from the same file with the
-`tiktoken` package, behind the interface of zoo.tokenizer.Tokenizer: encode / decode /
+`tiktoken` package, behind the interface of zoo.tokenizers.base.Tokenizer: encode / decode /
 eos_token_id / apply_chat_template / chat_stop_token_ids.
 
   qwen.tiktoken      one "<base64 token bytes> <rank>" per line: the mergeable ranks
@@ -18,7 +18,7 @@ import base64
 import os
 import unicodedata
 
-from zoo.tokenizer import ChatTemplateError
+from zoo.errors import ChatTemplateError
 
 VOCAB_FILE = "qwen.tiktoken"
 # the pre-tokenizer split of QWenTokenizer

@@ -1,4 +1,4 @@
-"""The command line shared by `python -m zoo.llama.infer` and `python -m zoo.qwen.infer`."""
+"""`python -m zoo.llama.infer` / `python -m zoo.qwen.infer`: generate (or chat) from the command line."""
 from __future__ import annotations
 
 import argparse
@@ -7,69 +7,38 @@ import os
 import sys
 import time
 
-from zoo.api import embedded_model_path, load
-from zoo.compile_config import CompileConfigError
-from zoo.config import ConfigError
-from zoo.device import DeviceError
-from zoo.engine import RequestError
-from zoo.loader import CheckpointError
-from zoo.parallel import TPWorkerError, init_rank, torchrun_env
-from zoo.tokenizer import ChatTemplateError
+from zoo.api import load_from
+from zoo.distributed.comm import init_rank, torchrun_env
+from zoo.entrypoints.options import add_model_options, handled_errors, report, settings_from_args
+from zoo.errors import ChatTemplateError, RequestError, TPWorkerError
+from zoo.models import embedded_model_path
 
 DEFAULT_PROMPT = "Beautiful is"
 _PRINT_SUMMARY = True  # False on torchrun ranks other than 0
+# the command each embedded family is the default of
+COMMANDS = {"llama": "python -m zoo.llama.infer", "qwen2": "python -m zoo.qwen.infer"}
 
 
 def build_parser(family: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=f"python -m zoo.{'qwen' if family == 'qwen2' else family}.infer",
+        prog=COMMANDS.get(family, "python -m zoo.entrypoints.generate"),
         description=f"Generate text with zoo's hand-adapted {family} model (eager or compiled graphs).")
-    p.add_argument("--model-path", help=f"Hugging Face checkpoint folder (default: the embedded tiny {family})")
-    p.add_argument("--prompt", action="append", help=f"prompt text; repeat for a batch (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--compiled", nargs="?", const=True, default=False, metavar="EXPORT_DIR",
-                   help="run prefill/decode as compiled graphs: torch.compile'd (cached on disk), or, given "
-                        "EXPORT_DIR, the AOTInductor graphs `python -m zoo.export` wrote there")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
-    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | npu[:N]")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--max-batch-size", type=int, help="KV-cache slots (default 8, or the export's)")
-    p.add_argument("--max-seq-len", type=int, help="KV-cache length (default: min(max_position_embeddings, 2048))")
-    p.add_argument("--compile-config", metavar="FILE",
-                   help="compile config TOML (default: zoo/compile_configs/<family>.<device>.toml)")
-    p.add_argument("--cache-dir", help="graph cache root (default: ~/.cache/zoo or $ZOO_CACHE_DIR)")
-    p.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="override an inductor option, e.g. cpp_wrapper=false (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
-    p.add_argument("--chat", action="store_true",
+    add_model_options(p, defaults={"model_path": f"(here: the embedded tiny {family})"})
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", action="append", help=f"prompt text; repeat for a batch (default: {DEFAULT_PROMPT!r})")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    g.add_argument("--chat", action="store_true",
                    help="chat: each --prompt is a user message, formatted with the tokenizer's chat template, and "
                         "the reply stops at the end-of-turn token. Without --prompt: an interactive conversation "
                         "when stdin is a terminal, else all of stdin is one user message")
-    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the conversation")
-    p.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor-parallel size: spawn N ranks here (under torchrun, its WORLD_SIZE is used)")
-    p.add_argument("--use-mc2", action="store_true",
-                   help="overlap each row-parallel matmul with its all-reduce (chunked; npu_mm_all_reduce_base on npu)")
+    g.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the conversation")
     return p
-
-
-def _parse_option(text: str):
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--inductor-option expects KEY=VALUE, got {text!r}")
-    lowered = value.lower()
-    if lowered in ("true", "false"):
-        return key, lowered == "true"
-    for cast in (int, float):
-        try:
-            return key, cast(value)
-        except ValueError:
-            pass
-    return key, value
 
 
 def main(family: str, argv: list[str] | None = None) -> int:
@@ -78,31 +47,21 @@ def main(family: str, argv: list[str] | None = None) -> int:
     if args.system is not None and not args.chat:
         parser.error("--system is a chat message: it needs --chat")  # exits with code 2
     launched = torchrun_env()
+    under_torchrun = launched is not None and launched[1] > 1
     rank = 0
     try:
-        prompts = _prompts(args, under_torchrun=launched is not None and launched[1] > 1)
-        tp = args.tp
-        if launched is not None and launched[1] > 1:  # torchrun: this process is one rank
+        prompts = _prompts(args, under_torchrun)
+        settings = settings_from_args(args, model_path=args.model_path or embedded_model_path(family), verbose=True)
+        if under_torchrun:  # this process is one rank of torchrun's group
             rank, world_size = launched
-            if args.tp not in (1, world_size):
+            if args.tp not in (None, 1, world_size):
                 raise ValueError(f"--tp {args.tp} does not match torchrun's WORLD_SIZE {world_size}")
-            tp = _torchrun_rank(rank, world_size, args)
-        if args.tp < 1:
-            raise ValueError(f"--tp must be >= 1, got {args.tp}")
-        model = load(args.model_path or embedded_model_path(family), device=args.device, dtype=args.dtype,
-                     compiled=args.compiled, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                     compile_config=args.compile_config, cache_dir=args.cache_dir,
-                     inductor_options=dict(_parse_option(o) for o in args.inductor_option), verbose=rank == 0,
-                     tp=tp, use_mc2=args.use_mc2)
-        if launched is not None and launched[1] > 1:
+            settings = settings.replace(tp=_torchrun_rank(rank, world_size, args))
+        model = load_from(settings)
+        if under_torchrun:
             _same_default_seed(model)
-            model.engine.runner.log_compiles = rank == 0
-    except (FileNotFoundError, ConfigError, CompileConfigError, CheckpointError, DeviceError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TPWorkerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except handled_errors() as e:
+        return report(e)
     if rank != 0:  # under torchrun only rank 0 prints; the others run the same steps in lockstep
         sys.stdout = open(os.devnull, "w")
         global _PRINT_SUMMARY
@@ -116,11 +75,9 @@ def main(family: str, argv: list[str] | None = None) -> int:
             return _interactive_chat(model, args)
         return _generate(model, args, prompts)
     except TPWorkerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report(e)
     finally:
-        if hasattr(model, "close"):
-            model.close()
+        model.close()
 
 
 def _prompts(args, under_torchrun: bool) -> list[str] | None:
@@ -174,7 +131,7 @@ def _with_chat_stops(model, sampling: dict) -> dict:
 def _torchrun_rank(rank: int, world_size: int, args):
     from zoo.device import resolve_device
 
-    return init_rank(rank, world_size, resolve_device(args.device), "env://", use_mc2=args.use_mc2)
+    return init_rank(rank, world_size, resolve_device(args.device), "env://", args.tp_timeout_s, args.use_mc2)
 
 
 def _same_default_seed(model) -> None:
@@ -184,7 +141,7 @@ def _same_default_seed(model) -> None:
 
     seed = [int(torch.randint(0, 2**62, ()).item())]
     dist.broadcast_object_list(seed, src=0)
-    model.engine.seed_default_generator(seed[0])
+    model.seed_sampling(seed[0])
 
 
 def _sampling(args) -> dict:

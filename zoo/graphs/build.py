@@ -1,0 +1,83 @@
+"""build_runner: the one place that decides how prefill / decode run.
+
+  compiled=False          eager: the module's own methods
+  compiled=True           the compile config's backend, one graph per shape bucket:
+                            inductor  torch.compile (cpu, cuda; mode "reduce-overhead" = CUDA graphs)
+                            torchair  the Ascend backend (npu), through torchair's cache_compile when
+                                      the graph cache is on
+  compiled="DIR"          the AOTInductor graphs `python -m zoo.export` wrote to DIR
+
+Compiled graphs live in the on-disk graph cache (zoo.graphs.cache) under a key that covers every
+source file traced into them (the model registry's list for this model and backend).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch._dynamo
+
+from zoo.distributed.comm import TPContext
+from zoo.graphs.buckets import Buckets
+from zoo.graphs.cache import GraphCache, cache_key_fields
+from zoo.graphs.compile_config import CompileConfig
+from zoo.graphs.kv_cache import KVCache
+from zoo.graphs.runner import GraphRunner
+from zoo.models.registry import ModelSpec
+
+
+def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, spec: ModelSpec,
+                 compiled: bool | str, compile_config: CompileConfig, inductor_options: dict | None,
+                 dtype: torch.dtype, device: torch.device, cache_dir: str, tp: TPContext) -> GraphRunner:
+    if isinstance(compiled, str):
+        from zoo.graphs.aoti import ExportedGraphs  # imports torch._inductor's AOTI loader: only when used
+
+        graphs = ExportedGraphs.load(compiled, module, cache)  # checks dtype, config and cache geometry
+        return GraphRunner(graphs.prefill, graphs.decode, cache, buckets, compiled=False,
+                           description=f"AOTInductor graphs from {compiled}")
+    if not compiled:
+        return GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False)
+
+    backend = compile_config.backend
+    if (backend == "torchair") != (device.type == "npu"):
+        raise ValueError(f"{compile_config.source}: backend {backend!r} does not run on device {device.type!r} "
+                         "(torchair is for npu, inductor for cpu/cuda)")
+    if backend == "inductor":
+        options = {**compile_config.inductor_options(dtype), **(inductor_options or {})}
+        fingerprint = {"backend": "inductor", "options": options}
+    else:
+        from zoo.backends import npu
+
+        torch_npu, _ = npu.import_npu()
+        options = compile_config.torchair
+        module.set_attention_ops(npu.NpuAttentionOps(torch_npu))  # fused FA / IFA and scatter_update_
+        fingerprint = {"backend": "torchair", "options": options, "torch_npu": torch_npu.__version__}
+    if tp.enabled:
+        fingerprint["tp"] = tp.fingerprint()  # each rank compiles (and caches) its own shard's graphs
+    description = f"{backend}, options {options}"
+
+    graph_cache = None
+    if compile_config.graph_cache:
+        fields = cache_key_fields(spec.traced_files(backend), module.config.raw, fingerprint, dtype, buckets,
+                                  tuple(cache.k[0].shape), device)
+        graph_cache = GraphCache(cache_dir, fields)
+    _allow_one_graph_per_bucket(buckets)
+    if backend == "torchair" and graph_cache is not None:
+        # torchair.inference.cache_compile keeps its own files, inside zoo's keyed directory
+        prefill, decode = npu.cache_compiled_methods(module, options, os.path.join(graph_cache.dir, "torchair"))
+    elif backend == "torchair":
+        compiler = npu.npu_backend(options)  # torchair.get_npu_backend(compiler_config=...)
+        prefill, decode = (torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler)
+                           for fn in (module.prefill, module.decode))
+    else:
+        # fullgraph: a graph break is an error, so no host sync can hide inside; static shapes:
+        # one graph per bucket
+        prefill, decode = (torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+                           for fn in (module.prefill, module.decode))
+    return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache)
+
+
+def _allow_one_graph_per_bucket(buckets: Buckets) -> None:
+    """Every bucket is one more cache entry on the same code object; allow them all."""
+    n_graphs = len(buckets.batch_sizes) * (len(buckets.prefill_lens) + max(1, len(buckets.context_lens)))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs + 2)

@@ -1,0 +1,99 @@
+"""GraphRunner: calls prefill / decode with inputs padded to a shape bucket (zoo.graphs.buckets).
+
+The two callables come from a backend (zoo.graphs.build.build_runner): the eager module methods,
+torch.compile'd ones or exported graphs. With `torch.compile(fullgraph=True, dynamic=False)` each
+bucket is one graph, compiled on first use (or ahead of time by `warmup`). After that, any mix of
+requests inside the warmed buckets replays existing graphs: no recompiles, no graph breaks.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from zoo.graphs.buckets import Buckets
+from zoo.graphs.kv_cache import KVCache
+from zoo.log import log
+
+
+class GraphRunner:
+    """Calls prefill / decode with inputs padded to a bucket. The two callables come from a backend:
+    the eager module methods, torch.compile'd ones or exported graphs (zoo.graphs.build)."""
+
+    def __init__(self, prefill_fn, decode_fn, cache: KVCache, buckets: Buckets, compiled: bool,
+                 description: str = "eager", graph_cache=None):
+        self._prefill, self._decode = prefill_fn, decode_fn
+        self.cache, self.buckets, self.compiled = cache, buckets, compiled
+        self.description = description  # backend and options, shown when a graph compiles
+        self.graph_cache = graph_cache  # zoo.graphs.cache.GraphCache or None
+        self.first_call_seconds: dict[tuple, float] = {}  # bucket -> time of its first call (compile)
+        self.log_compiles = True  # False on tensor-parallel ranks other than 0 (one log line per compile)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.k[0].device
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(self.first_call_seconds.values()) if self.compiled else 0.0
+
+    def _timed_first_call(self, key: tuple, fn, *args, **kwargs):
+        if key in self.first_call_seconds:
+            return fn(*args, **kwargs)
+        if self.compiled and self.log_compiles:
+            what = {"prefill": "length", "decode": "context"}[key[0]]
+            log(f"compiling {key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else "")
+                 + f" ({self.description})")
+        start = time.perf_counter()
+        with self.graph_cache.compiling() if self.graph_cache else contextlib.nullcontext():
+            out = fn(*args, **kwargs)
+        self.first_call_seconds[key] = time.perf_counter() - start
+        if self.compiled and self.log_compiles:
+            log(f"  ... {self.first_call_seconds[key]:.1f} s")
+        return out
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Prompts (token ids) written into cache `slots` -> logits of each prompt's last token [n, V]."""
+        n = len(prompts)
+        B = self.buckets.batch_for(n)
+        S = self.buckets.prefill_len_for(max(len(p) for p in prompts))
+        input_ids = torch.zeros(B, S, dtype=torch.long)
+        lengths = torch.ones(B, dtype=torch.long)  # padding rows: length 1 ...
+        slot_ids = torch.full((B,), self.cache.scratch_slot, dtype=torch.long)  # ... in the scratch slot
+        for i, (prompt, slot) in enumerate(zip(prompts, slots)):
+            input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            lengths[i], slot_ids[i] = len(prompt), slot
+        dev = self.device
+        logits = self._timed_first_call(("prefill", B, S), self._prefill, input_ids.to(dev), lengths.to(dev),
+                                        slot_ids.to(dev), self.cache.k, self.cache.v)
+        return logits[:n]
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, context: int | None = None) -> torch.Tensor:
+        """input_ids [B, 1], positions [B] on the device, B a batch bucket -> logits [B, V].
+        context: the longest sequence among the rows, counting this step's token (host-side
+        bookkeeping, never read from the device); None attends over the whole cache."""
+        B = input_ids.shape[0]
+        L = None if context is None else self.buckets.context_len_for(context)
+        key, kwargs = (("decode", B), {}) if L is None else (("decode", B, L), {"context_len": L})
+        return self._timed_first_call(key, self._decode, input_ids, positions, self.cache.k, self.cache.v, **kwargs)
+
+    def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True, context_lens=None) -> None:
+        """Build (compile) the graphs for these buckets now, writing only to scratch cache space.
+        context_lens: the decode context buckets to build (default: all)."""
+        batch_sizes = batch_sizes or self.buckets.batch_sizes
+        prefill_lens = self.buckets.prefill_lens if prefill_lens is None else prefill_lens
+        contexts = self.buckets.context_lens if context_lens is None else context_lens
+        contexts = sorted({self.buckets.context_len_for(c) for c in contexts}) or [None]
+        with torch.no_grad():
+            for B in batch_sizes:
+                B = self.buckets.batch_for(B)
+                for S in prefill_lens:
+                    S = self.buckets.prefill_len_for(S)
+                    if ("prefill", B, S) not in self.first_call_seconds:
+                        self._timed_first_call(("prefill", B, S), self._prefill, *self.cache.scratch_prefill_inputs(B, S))
+                for L in contexts if decode else []:
+                    input_ids, positions, _, _ = self.cache.scratch_decode_inputs(B)
+                    self.decode(input_ids, positions, L)  # idle rows write only at the scratch position

@@ -1,0 +1,118 @@
+"""LoadSettings: every option of zoo.load, its default, its validation and its command-line form.
+
+One dataclass owns the options: zoo.load(**options) builds it, and every CLI (generate, serve, pd,
+export) derives its model options from the `cli` metadata of its fields
+(zoo.entrypoints.options.add_model_options), so a new option is added here once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from zoo.device import DTYPE_CHOICES, parse_dtype
+from zoo.distributed.comm import TPContext
+from zoo.graphs.buckets import Buckets
+from zoo.graphs.compile_config import CompileConfig
+
+
+def _cli(*flags: str, **argparse_kwargs) -> dict:
+    """Field metadata: how the option is spelled on the command line (argparse add_argument kwargs)."""
+    return {"cli": (flags, argparse_kwargs)}
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    model_path: str | None = field(default=None, metadata=_cli(
+        "--model-path", help="Hugging Face checkpoint folder: config.json, *.safetensors, tokenizer files "
+                             "(default: the embedded tiny model)"))
+    device: str = field(default="cpu", metadata=_cli("--device", help="cpu | cuda[:N] | npu[:N] (default cpu)"))
+    dtype: str | torch.dtype | None = field(default=None, metadata=_cli(
+        "--dtype", choices=DTYPE_CHOICES, help="weights and KV cache dtype (default: the checkpoint's; float16 "
+                                               "becomes bfloat16 on cpu)"))
+    compiled: bool | str = field(default=False, metadata=_cli(
+        "--compiled", nargs="?", const=True, metavar="EXPORT_DIR",
+        help="run prefill/decode as compiled graphs: torch.compile'd per shape bucket (cached on disk), or, given "
+             "EXPORT_DIR, the AOTInductor graphs `python -m zoo.export` wrote there"))
+    max_batch_size: int | None = field(default=None, metadata=_cli(
+        "--max-batch-size", type=int, help="KV-cache slots = most requests decoding at once (default 8, or the "
+                                           "export's)"))
+    max_seq_len: int | None = field(default=None, metadata=_cli(
+        "--max-seq-len", type=int, help="tokens per slot, prompt + completion (default: min(max_position_embeddings, "
+                                        "2048))"))
+    buckets: Buckets | None = None  # Python API only: overrides the compile config's shape buckets
+    compile_config: str | CompileConfig | None = field(default=None, metadata=_cli(
+        "--compile-config", metavar="FILE", help="compile config TOML (default: zoo/graphs/configs/"
+                                                 "<model>.<device>.toml)"))
+    inductor_options: dict | None = field(default=None, metadata=_cli(
+        "--inductor-option", action="append", metavar="KEY=VALUE",
+        help="override an inductor option, e.g. cpp_wrapper=false (repeatable)"))
+    cache_dir: str | None = field(default=None, metadata=_cli(
+        "--cache-dir", help="graph cache root (default: ~/.cache/zoo or $ZOO_CACHE_DIR)"))
+    threads: int | None = field(default=None, metadata=_cli(
+        "--threads", type=int, metavar="N",
+        help="torch CPU threads per process (per rank with --tp; default: all cores, or cores / N ranks). On a "
+             "machine other busy processes share, fewer threads than cores keeps OpenMP threads from waiting on "
+             "each other (decode can slow 10x when they oversubscribe)"))
+    tp: int | TPContext | None = field(default=None, metadata=_cli(
+        "--tp", type=int, metavar="N",
+        help="tensor-parallel size: N rank processes started here (under torchrun, its WORLD_SIZE)"))
+    use_mc2: bool = field(default=False, metadata=_cli(
+        "--use-mc2", action="store_true",
+        help="overlap each row-parallel matmul with its all-reduce (chunked; npu_mm_all_reduce_base on npu)"))
+    tp_timeout_s: float | None = field(default=None, metadata=_cli(
+        "--tp-timeout", type=float, metavar="SECONDS",
+        help="how long ranks wait in a collective for a peer that hangs (default $ZOO_TP_TIMEOUT or 120)"))
+    verbose: bool = False  # one summary line on stderr once loaded (the CLIs turn it on)
+
+    # ---- derived -----------------------------------------------------------------------------------
+    @property
+    def tp_size(self) -> int:
+        if isinstance(self.tp, TPContext):
+            return self.tp.world_size
+        return self.tp or 1
+
+    @property
+    def spawns_ranks(self) -> bool:
+        """tp=N > 1 as an int: zoo.load starts N rank processes and returns a proxy."""
+        return isinstance(self.tp, int) and self.tp > 1
+
+    @property
+    def exported(self) -> bool:
+        return isinstance(self.compiled, str)
+
+    def validated(self) -> "LoadSettings":
+        """Checks every option that can be checked before touching a file; ValueError naming it."""
+        def positive_int(name, allow_none=True):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+        for name in ("max_batch_size", "threads"):
+            positive_int(name)
+        if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int)
+                                             or self.max_seq_len < 2):
+            raise ValueError(f"max_seq_len must be an int >= 2, got {self.max_seq_len!r}")
+        if not isinstance(self.tp, TPContext):
+            positive_int("tp")
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
+        if not isinstance(self.compiled, (bool, str)):
+            raise ValueError(f"compiled must be True, False or an export folder, got {self.compiled!r}")
+        if self.tp_size > 1 and self.exported:
+            raise ValueError("tensor parallelism (tp > 1) does not run AOTInductor exports (compiled=DIR)")
+        if self.tp_timeout_s is not None and not self.tp_timeout_s > 0:
+            raise ValueError(f"tp_timeout_s must be > 0, got {self.tp_timeout_s!r}")
+        if self.model_path is not None and not isinstance(self.model_path, (str, os.PathLike)):
+            raise ValueError(f"model_path must be a folder path, got {type(self.model_path).__name__}")
+        return self
+
+    def replace(self, **changes) -> "LoadSettings":
+        return dataclasses.replace(self, **changes)
+
+
+CLI_FIELDS = tuple(f for f in dataclasses.fields(LoadSettings) if "cli" in f.metadata)
