@@ -17,7 +17,7 @@ import zoo
 import zoo.entrypoints.generate
 from zoo.models import embedded_model_path
 from zoo.graphs import Buckets
-from zoo.tokenizers.base import Tokenizer
+from zoo.tokenizers import HFTokenizer as Tokenizer
 
 FAMILIES = ["llama", "qwen2"]
 NEW = 12  # max new tokens: enough to compare, short enough to stay fast

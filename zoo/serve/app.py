@@ -27,12 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo.engine import Request as EngineRequest
 from zoo.engine import StreamEvent
-from zoo.errors import RequestError
 from zoo.engine.sampling import SamplingParams
 from zoo.serve.engine_loop import EngineLoop, EngineStopped
 from zoo.serve.metrics import Metrics
 from zoo.serve.protocol import APIError, ChatCompletionBody, CompletionBody, bad_request, parse_body
-from zoo.tokenizers.base import ChatTemplateError
+from zoo.errors import ChatTemplateError, RequestError
 
 log = logging.getLogger("zoo.serve")
 
