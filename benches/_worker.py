@@ -38,7 +38,6 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import peak_rss_mib, proc_status_kib  # noqa: E402
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _log(msg: str) -> None:
@@ -89,7 +88,7 @@ class ZooRunner:
             self.model = zoo.load(cfg["model_path"], compiled=False, **kwargs)
         if self.variant == "zoo_aoti":
             if aoti_api:
-                self.buckets = self.model.engine.runner.buckets
+                self.buckets = self.model.buckets
             else:
                 self._use_exported_graphs(cfg["export_dir"])
         self.load_s = time.perf_counter() - t0
@@ -173,10 +172,12 @@ class HFRunner:
     def __init__(self, cfg: dict):
         from transformers import AutoModelForCausalLM, GenerationConfig
 
+        from zoo.device import parse_dtype
+
         self.cfg = cfg
         self.compiled = cfg["variant"] == "hf_compiled"
         t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=_DTYPES[cfg["dtype"]]).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=parse_dtype(cfg["dtype"])).eval()
         if self.compiled:
             import torch._dynamo
 

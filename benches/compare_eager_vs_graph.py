@@ -70,6 +70,8 @@ import _measure as M  # noqa: E402
 import _models  # noqa: E402
 import _report  # noqa: E402
 
+from zoo.entrypoints.options import positive_int_list  # noqa: E402
+
 ALL_VARIANTS = ["zoo_eager", "zoo_compiled", "zoo_aoti", "hf_eager", "hf_compiled"]
 
 
@@ -78,16 +80,6 @@ _T0 = time.perf_counter()
 
 def _log(msg: str) -> None:
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _str_list(text: str) -> list[str]:
@@ -109,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--medium-fp32-full", action="store_true", help="medium model in fp32 at every batch size "
                    "and prompt length too (by default only batch 1, prompt 128: the roofline point; RAM)")
     p.add_argument("--variants", type=_str_list, default=ALL_VARIANTS, help=f"subset of {','.join(ALL_VARIANTS)}")
-    p.add_argument("--prompt-lens", type=_int_list, default=[32, 128, 512], help="TTFT prompt lengths (batch 1)")
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8], help="TPOT batch sizes")
+    p.add_argument("--prompt-lens", type=positive_int_list, default=[32, 128, 512], help="TTFT prompt lengths (batch 1)")
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 4, 8], help="TPOT batch sizes")
     p.add_argument("--decode-prompt-len", type=int, default=32, help="prompt length of the TPOT cases")
     p.add_argument("--max-new-tokens", type=int, default=32, help="new tokens per TPOT case (tiny / custom models)")
     p.add_argument("--medium-max-new-tokens", type=int, default=12, help="new tokens per TPOT case, medium model")

@@ -216,7 +216,7 @@ def test_exported_context_buckets_give_the_eager_tokens(exported, tmp_path):
 
     path, _ = exported
     model = zoo.load(path, max_batch_size=1, max_seq_len=MAX_SEQ_LEN, buckets=zoo.Buckets((1,), (32,), (16, 32)))
-    out = export_graphs(model, str(tmp_path / "ctx"), [1], [32], [16, 32])
+    out = export_graphs(model.module, model.kv_cache, str(tmp_path / "ctx"), [1], [32], [16, 32])
     files = sorted(g["file"] for g in _read_json(os.path.join(out, "manifest.json"))["graphs"]["decode"])
     assert files == ["decode_b1_c16.pt2", "decode_b1_c32.pt2"]
     exported_model = zoo.load(path, compiled=out)

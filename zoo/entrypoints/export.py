@@ -11,22 +11,13 @@ import argparse
 import sys
 
 from zoo.api import load_from
-from zoo.entrypoints.options import add_model_options, handled_errors, report, settings_from_args
+from zoo.entrypoints.options import (add_model_options, handled_errors, positive_int_list, report,
+                                     settings_from_args)
 from zoo.graphs.aoti import export_graphs
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _context_lens(text: str) -> list[int]:
-    return [] if text.strip().lower() == "none" else _int_list(text)
+    return [] if text.strip().lower() == "none" else positive_int_list(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "max_seq_len": "(here: the largest --prefill-lens, else the model's default)"})
     g = p.add_argument_group("export")
     g.add_argument("--out", required=True, help="folder to write the packages and manifest.json to")
-    g.add_argument("--batch-sizes", type=_int_list,
+    g.add_argument("--batch-sizes", type=positive_int_list,
                    help="batch buckets, e.g. 1,2,4 (default: the model's, as zoo.load picks them)")
-    g.add_argument("--prefill-lens", type=_int_list,
+    g.add_argument("--prefill-lens", type=positive_int_list,
                    help="prompt-length buckets, e.g. 32,64 (default: the model's, as zoo.load picks them)")
     g.add_argument("--context-lens", type=_context_lens,
                    help="decode context buckets ending at max_seq_len, e.g. 256,512 (default: the model's, as "

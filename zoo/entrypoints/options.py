@@ -60,6 +60,17 @@ def parse_key_value(text: str) -> tuple[str, object]:
     return key, value
 
 
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: "1,2,4" -> [1, 2, 4] (positive integers)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def report(error: BaseException) -> int:
     """Print one line naming the problem; the exit code for it."""
     print(f"error: {error}", file=sys.stderr)

@@ -72,7 +72,7 @@ class PromptServer:
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self.fingerprint = model_fingerprint(model)
-        cache = model.engine.cache
+        cache = model.kv_cache
         # bytes of KV per prompt token: k and v, every layer, [KV, hd] each
         self.bytes_per_token = 2 * len(cache.k) * cache.k[0].shape[1] * cache.k[0].shape[3] * cache.k[0].element_size()
         self.bytes_sent = 0
@@ -114,7 +114,7 @@ class PromptServer:
                 self._unreserve(req_id)
                 results[i] = {"req_id": req_id, **proto.error_reply(LLMStatusCode.LLM_PARAM_INVALID, str(e))}
         # One prefill call per group of at most the largest batch bucket (and the slots there are).
-        group_size = max(1, min(engine.runner.buckets.batch_sizes[-1], engine.cache.num_slots))
+        group_size = max(1, min(self.model.buckets.batch_sizes[-1], self.model.kv_cache.num_slots))
         for start in range(0, len(todo), group_size):
             group = todo[start:start + group_size]
             try:
@@ -293,11 +293,10 @@ class PromptServer:
             s.link_id = proto.get(msg, "link_id", (str,))
             if not (0 < len(s.link_id) <= 64 and all(c in "0123456789abcdef" for c in s.link_id)):
                 raise proto.ProtocolError("link_id must be 1-64 lowercase hex digits")
-            engine = self.model.engine
             return {"ok": True, "cluster_id": self.cluster_id, "store_host": self.host,
                     "store_port": self.store_port, "model": self.fingerprint, "backend": self.backend,
-                    "max_prefill_batch": engine.runner.buckets.batch_sizes[-1],
-                    "max_seq_len": engine.max_seq_len}
+                    "max_prefill_batch": self.model.buckets.batch_sizes[-1],
+                    "max_seq_len": self.model.max_seq_len}
         if s.decoder_id is None:
             raise proto.ProtocolError(f"{op!r} before hello")
         if op == "open_kv":

@@ -82,8 +82,3 @@ class PrefillResult:
         except ValueError:
             status = LLMStatusCode.LLM_FAILED
         return cls(r["req_id"], False, status=status, message=str(r.get("message")))
-
-    def raise_if_failed(self) -> "PrefillResult":
-        if not self.ok:
-            raise LLMException(self.status, self.message)
-        return self

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zoo.engine import Request as EngineRequest
-from zoo.engine import StreamEvent
+from zoo.engine import StreamEvent, encode_prompt
 from zoo.engine.sampling import SamplingParams
 from zoo.serve.engine_loop import EngineLoop, EngineStopped
 from zoo.serve.metrics import Metrics
@@ -179,15 +179,10 @@ class _Server:
     def completion_requests(self, body: CompletionBody) -> list[EngineRequest]:
         """Tokenize and validate (in a worker thread); nothing is queued if any prompt is bad."""
         prompts = body.prompt_list()
-        encoded = []
-        for p in prompts:
-            if isinstance(p, str):
-                if self.model.tokenizer is None:
-                    raise bad_request("this model has no tokenizer: send prompts as lists of token ids",
-                                      param="prompt")
-                encoded.append(self.model.tokenizer.encode(p))
-            else:
-                encoded.append(list(p))
+        try:
+            encoded = [encode_prompt(self.model.tokenizer, p, f"prompt {i}", self.name) for i, p in enumerate(prompts)]
+        except RequestError as e:
+            raise bad_request(str(e), param="prompt") from None
         return self._make_requests(body, encoded, [p if isinstance(p, str) else None for p in prompts],
                                    body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
 
