@@ -179,8 +179,9 @@ def _checkpoint_pieces(model: nn.Module, name: str, shape: tuple[int, ...], n_pi
         return pieces
     if n_pieces == 1:
         return [(shape, None)]
-    rows = model.fused_row_split(name)
-    return [((r, *shape[1:]), None) for r in rows]
+    raise CheckpointError(f"parameter {name!r} is fused from {n_pieces} checkpoint tensors, but its layer "
+                          f"({type(module).__name__}) does not say where each goes (checkpoint_pieces); fuse "
+                          "parameters in the parallel linear layers of zoo.layers.linear")
 
 
 def _part_rows(part, out_rows: int) -> int:
