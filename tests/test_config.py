@@ -87,3 +87,50 @@ def test_missing_folder_and_bad_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "hidden_act": "gelu"}))
     with pytest.raises(ConfigError, match=r"hidden_act='gelu'"):
         read_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", r"config.json: expected a JSON object, got list"),
+    (b"\xff\xfe{}", r"config.json: not UTF-8 text"),
+    (json.dumps({**BASE, "hidden_size": "abc"}).encode(), r"field 'hidden_size' must be a positive integer, got 'abc'"),
+    (json.dumps({**BASE, "num_attention_heads": 0}).encode(), r"field 'num_attention_heads' must be a positive"),
+    (json.dumps({**BASE, "vocab_size": 1.5}).encode(), r"field 'vocab_size' must be a positive integer"),
+    (json.dumps({**BASE, "num_hidden_layers": True}).encode(), r"field 'num_hidden_layers' must be a positive"),
+    (json.dumps({**BASE, "architectures": "LlamaForCausalLM"}).encode(), r"unsupported architecture None"),
+])
+def test_malformed_config_json_names_the_file_and_field(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        read_config(str(tmp_path))
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{broken", r"generation_config.json: not valid JSON"),
+    ("[]", r"generation_config.json: expected a JSON object"),
+    ('{"eos_token_id": "two"}', r"field 'eos_token_id' must be a token id or a list of them"),
+])
+def test_broken_generation_config_is_a_config_error(checkpoint, tmp_path, content, message):
+    import shutil
+
+    import zoo
+
+    folder = tmp_path / "model"
+    shutil.copytree(checkpoint("llama3_gqa"), folder)
+    (folder / "generation_config.json").write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        zoo.load(str(folder), max_batch_size=1, max_seq_len=16)
+
+
+@pytest.mark.parametrize("module", ["zoo.llama.infer", "zoo.qwen.infer"])
+def test_both_clis_report_config_errors_in_one_line_with_exit_2(tmp_path, module):
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "num_attention_heads": 0}))
+    run = subprocess.run([sys.executable, "-m", module, "--model-path", str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "num_attention_heads" in run.stderr

@@ -106,7 +106,11 @@ def test_closing_a_stream_early_frees_its_slots(model):
     ([[]], {}, r"prompt 0 is empty"),
     ([[1, 2], list(range(1, 65))], {}, r"prompt 1 has 64 tokens, but max_seq_len is 64"),
     ([[1, 2, 999]], {}, r"token ids outside \[0, 256\): \[999\]"),
-    ([[1, 2]], {"temperature": -1.0}, r"temperature must be >= 0"),
+    ([[1, 2]], {"temperature": -1.0}, r"temperature must be a finite number >= 0"),
+    ([[1, 2]], {"temperature": float("nan")}, r"temperature must be a finite number >= 0"),
+    ([[1, 2]], {"temperature": 1.0, "top_k": -2}, r"top_k must be an int >= 1 \(0 or -1: off\)"),
+    ([[1, 2]], {"temperature": 1.0, "seed": 2**64}, r"seed must be an int in \[-2\*\*63, 2\*\*63 - 1\]"),
+    ([[1, 2]], {"stop_token_ids": [-1]}, r"stop_token_ids must be token ids"),
     ([[1, 2]], {"max_new_tokens": 0}, r"max_new_tokens must be an int >= 1"),
     ([[1, 2]], {"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ([[1, 2]], {"stop": ["x"]}, r"stop strings need a tokenizer"),
@@ -211,3 +215,91 @@ def test_requests_arriving_over_time_match_solo_runs(model):
         eng.step()
         eng.step()
     assert _drain(eng, requests) == solo_tokens
+
+
+def test_integer_parameters_are_bounded_before_torch(model):
+    """top_k past the vocabulary (even past int64) is the whole vocabulary; 0 and -1 switch it off,
+    as in vLLM; a seed at the int64 edges works."""
+    kw = dict(max_new_tokens=6, temperature=0.8, seed=7)
+    whole = model.generate(PROMPTS[0], **kw).token_ids
+    for top_k in (2**63, 10**20, 0, -1, 256):
+        assert model.generate(PROMPTS[0], top_k=top_k, **kw).token_ids == whole, top_k
+    for seed in (-(2**63), 2**63 - 1):
+        assert len(model.generate(PROMPTS[0], max_new_tokens=3, temperature=1.0, seed=seed).token_ids) == 3
+
+
+def _failing_for(runner, method: str, bad_prompt: list[int], monkeypatch):
+    """runner.<method> raises when a batch holds bad_prompt (prefill) / on its first call (decode)."""
+    real = getattr(runner, method)
+    state = {"failed": False}
+
+    def flaky(*args, **kwargs):
+        if method == "prefill" and bad_prompt in args[0]:
+            raise RuntimeError("injected prefill failure")
+        if method == "decode" and not state["failed"]:
+            state["failed"] = True
+            raise RuntimeError("injected decode failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, method, flaky)
+
+
+def test_a_failed_prefill_fails_only_its_requests(model, monkeypatch):
+    """A request being decoded keeps running and gets its solo tokens; the prefill that raised fails
+    exactly its own requests, with the error, and nothing is left queued or holding a slot."""
+    eng = model.engine
+    expected = solo(model, PROMPTS[0], max_new_tokens=10)
+    bad = [7, 7, 7]
+    _failing_for(eng.runner, "prefill", bad, monkeypatch)
+    running = eng.make_request(0, PROMPTS[0], zoo.engine.SamplingParams(max_new_tokens=10))
+    eng.submit([running])
+    eng.step()  # prefill of the good request
+    assert running.slot is not None
+    doomed = eng.make_request(0, bad, zoo.engine.SamplingParams(max_new_tokens=10))
+    eng.submit([doomed])
+    while eng.has_work():
+        eng.step()
+    assert doomed.finish_reason == "error" and "injected prefill failure" in doomed.error
+    assert running.finish_reason == "length" and running.output_ids == expected
+    assert eng.cache.num_free() == 2 and not eng.running and not eng.waiting
+    assert eng.failed_steps >= 1
+
+
+def test_a_failed_decode_fails_the_running_requests_and_not_the_waiting_ones(model, monkeypatch):
+    eng = model.engine
+    expected = solo(model, PROMPTS[2], max_new_tokens=5)
+    _failing_for(eng.runner, "decode", [], monkeypatch)
+    first = [eng.make_request(i, p, zoo.engine.SamplingParams(max_new_tokens=5)) for i, p in enumerate(PROMPTS[:2])]
+    eng.submit(first)
+    eng.step()  # prefill both (2 slots)
+    later = eng.make_request(0, PROMPTS[2], zoo.engine.SamplingParams(max_new_tokens=5))
+    eng.submit([later])
+    while eng.has_work():
+        eng.step()
+    assert all(r.finish_reason == "error" and "injected decode failure" in r.error for r in first)
+    assert later.finish_reason == "length" and later.output_ids == expected
+    assert eng.cache.num_free() == 2
+
+
+def test_admission_takes_turns_between_submissions(model):
+    """One call with many prompts does not hold every slot: a request submitted after it is admitted
+    as soon as a slot frees, before the big call's remaining prompts, and all get solo tokens."""
+    eng = model.engine
+    params = zoo.engine.SamplingParams(max_new_tokens=4)
+    big = [eng.make_request(i, PROMPTS[i % 3], params) for i in range(6)]
+    small = eng.make_request(0, PROMPTS[1], params)
+    eng.submit(big)
+    eng.step()  # the big call takes both slots
+    eng.submit([small])
+    admitted_at = {}  # request -> the step that gave it its first token
+    step = 0
+    while eng.has_work():
+        eng.step()
+        step += 1
+        for r in big + [small]:
+            if r.t_first is not None and id(r) not in admitted_at:
+                admitted_at[id(r)] = step
+    # in the first admission after the big call's first two: with the third of it, not after all six
+    assert admitted_at[id(small)] <= admitted_at[id(big[2])] < admitted_at[id(big[3])]
+    for r in big + [small]:
+        assert r.output_ids == solo(model, r.prompt_ids, max_new_tokens=4)

@@ -87,6 +87,19 @@ def test_unexpected_tensor_is_named(checkpoint, tmp_path):
         zoo.load(path)
 
 
+@pytest.mark.parametrize("value, what", [(float("nan"), "1 NaN and 0 inf"), (float("inf"), "0 NaN and 1 inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(checkpoint, tmp_path, value, what):
+    """A NaN weight would make every logit NaN and greedy decoding emit token 0 forever."""
+    path = _copy(checkpoint("llama3_gqa"), tmp_path / "m")
+
+    def poison(t):
+        t["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+
+    _rewrite_weights(path, poison)
+    with pytest.raises(CheckpointError, match=rf"'model.layers.1.mlp.up_proj.weight'.*{what}"):
+        zoo.load(path, max_batch_size=1, max_seq_len=16)
+
+
 def test_pickled_weights_are_never_loaded(tmp_path, checkpoint):
     path = _copy(checkpoint("llama2"), tmp_path / "m")
     os.remove(os.path.join(path, "model.safetensors"))

@@ -200,6 +200,51 @@ def test_unknown_repeated_and_misdirected_calls_fail_clearly(decoder, ckpt, prom
     assert drain(decoder, [r400])[0].finish_reason == "length"  # none of this disturbed request 400
 
 
+@pytest.mark.parametrize("frame", [b'{"op": "hello", "proto": ' + b"9" * 5000 + b"}", b"[" * 100000 + b"]" * 100000,
+                                   b"\xff\xfe not utf-8", b"[1, 2]"], ids=["5000_digit_int", "too_deep", "not_utf8",
+                                                                          "not_an_object"])
+def test_a_malformed_control_frame_gets_a_protocol_error(prompt_proc, frame, decoder):
+    """The prompt role answers a frame it cannot read with an error reply and closes that
+    connection; no traceback, and linked decoders go on."""
+    import socket
+
+    from zoo.pd.protocol import recv_msg
+
+    host, port = prompt_proc.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(len(frame).to_bytes(4, "big") + frame)
+        reply = recv_msg(sock)
+    assert reply["ok"] is False and reply["status"] == "LLM_LINK_FAILED" and "protocol error: frame" in reply["message"]
+    prompt_proc.log.flush()
+    with open(prompt_proc.log.name, encoding="utf-8") as f:
+        assert "Traceback" not in f.read()
+    assert drain(decoder, decoder.submit([LLMReq(500 + len(frame) % 97, PROMPTS[1], max_new_tokens=3)]))[0].finish_reason
+
+
+def test_the_decoder_waits_for_a_prompt_process_that_is_still_starting(ckpt, colocated, tmp_path):
+    """The README's two-process recipe: the decoder may try to link before the prompt process
+    listens; it retries until link_timeout instead of failing with 'Connection refused'."""
+    import threading
+
+    from zoo.distributed.comm import free_port
+
+    port = free_port()
+    started = []
+    late = threading.Timer(0.5, lambda: started.append(
+        PromptProcess(ckpt, tmp_path, "late", listen=f"127.0.0.1:{port}", cluster_id=3)))
+    late.start()
+    d = make_decoder(ckpt, link_timeout=90)
+    try:
+        d.link(3, f"127.0.0.1:{port}")  # refused at first: the prompt process is still loading
+        out = drain(d, d.submit([LLMReq(600, PROMPTS[2], max_new_tokens=4, prompt_cluster_id=3)]))[0]
+        assert out.token_ids == colocated(PROMPTS[2], 4)
+    finally:
+        d.finalize()
+        late.join()
+        for proc in started:
+            proc.stop()
+
+
 def test_unpulled_kv_is_released_after_its_ttl(decoder):
     decoder.remote_prefill([LLMReq(500, PROMPTS[2])])
     t0 = time.monotonic()

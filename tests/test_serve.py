@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "tiny-llama"
 START_TIMEOUT_S = 90
+STALL_TIMEOUT_S = 2  # the server's --header-timeout and --body-timeout in this module
 ZEN = ["Beautiful is", "Explicit is", "Simple is", "Complex is", "Flat is", "Sparse is", "Readability",
        "Special cases", "Although practicality", "Errors should", "Unless explicitly", "In the face of",
        "There should be one", "Although that way", "Now is better", "If the implementation"]
@@ -40,7 +41,8 @@ def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.serve", "--port", "0", "--max-batch-size", "8"],
+        proc = subprocess.Popen([sys.executable, "-m", "zoo.serve", "--port", "0", "--max-batch-size", "8",
+                                 "--header-timeout", str(STALL_TIMEOUT_S), "--body-timeout", str(STALL_TIMEOUT_S)],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         url = _wait_until_listening(proc, log_path)
@@ -217,6 +219,23 @@ ERROR_CASES = [
      {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ("oversized_body", "/v1/completions", {"model": MODEL, "prompt": "a" * (1 << 20)}, 413, None,
      "request_too_large"),
+    ("seed_past_int64", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**63}, 400, "seed",
+     "invalid_value"),
+    ("seed_below_int64", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": -(2**63) - 1}, 400, "seed",
+     "invalid_value"),
+    ("top_k_below_minus_1", "/v1/completions", {"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k",
+     "invalid_value"),
+    ("top_k_past_int64", "/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 1,
+                                              "top_k": 9223372036854775808}, 400, "top_k", "invalid_value"),
+    ("lone_surrogate_in_prompt", "/v1/completions", {"model": MODEL, "prompt": "a\ud800b"}, 400, "prompt",
+     "invalid_value"),
+    ("lone_surrogate_in_prompt_list", "/v1/completions", {"model": MODEL, "prompt": ["ok", "\udfff"]}, 400,
+     "prompt[1]", "invalid_value"),
+    ("lone_surrogate_in_chat", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content",
+     "invalid_value"),
+    ("negative_stop_token_id", "/v1/completions", {"model": MODEL, "prompt": "x", "stop_token_ids": [-1]}, 400,
+     "stop_token_ids", None),
 ]
 
 
@@ -243,6 +262,96 @@ def test_errors_through_the_openai_client_and_the_server_goes_on(client):
     assert e.value.body["param"] == "temperature"
     r = client.completions.create(model=MODEL, prompt="Beautiful is", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
+
+
+def test_sampling_integers_in_range_work(server):
+    """top_k 0 / -1 mean off and a huge top_k is the whole vocabulary: the same seeded tokens."""
+    outs = []
+    for top_k in (0, -1, 2**62):
+        r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Beautiful is", "max_tokens": 6,
+                                             "temperature": 1, "seed": 5, "top_k": top_k, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        outs.append(r.json()["choices"][0]["token_ids"])
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_stop_token_ids_are_honoured(server):
+    body = {"model": MODEL, "prompt": "Beautiful is", "max_tokens": 12, "temperature": 0, "return_token_ids": True}
+    full = post(server, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    stop = full[4]
+    choice = post(server, "/v1/completions", {**body, "stop_token_ids": [stop]}).json()["choices"][0]
+    assert choice["token_ids"] == full[:full.index(stop) + 1] and choice["finish_reason"] == "stop"
+
+
+def test_a_request_with_more_prompts_than_the_queue_is_refused_before_tokenizing(server):
+    t0 = time.monotonic()
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": ["Beautiful is better than ugly"] * 20000,
+                                         "max_tokens": 1})
+    assert r.status_code == 503, r.text
+    assert "20000 prompts" in r.json()["error"]["message"] and "max_queued_requests=1024" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 10  # tokenizing 20000 prompts first would take far longer here
+
+
+def _raw_connection(server):
+    import socket
+
+    host, port = server.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=STALL_TIMEOUT_S + 8)
+    return sock
+
+
+def _closed_within(sock, seconds: float) -> tuple[bool, bytes]:
+    """(the server closed the connection within `seconds`, what it sent first)."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return True, received
+            received += chunk
+    except TimeoutError:
+        return False, received
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty"],
+                         ids=["nothing", "half_the_headers"])
+def test_stalled_headers_are_closed(server, sent):
+    sock = _raw_connection(server)
+    sock.sendall(sent)
+    closed, _ = _closed_within(sock, STALL_TIMEOUT_S + 6)
+    assert closed
+
+
+def test_stalled_body_gets_408(server):
+    sock = _raw_connection(server)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"model\": ")
+    closed, received = _closed_within(sock, STALL_TIMEOUT_S + 6)
+    assert received.startswith(b"HTTP/1.1 408"), received[:200]
+    assert b"request_timeout" in received
+
+
+def test_idle_keep_alive_is_closed(server):
+    sock = _raw_connection(server)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    closed, received = _closed_within(sock, STALL_TIMEOUT_S + 8)
+    assert received.startswith(b"HTTP/1.1 200") and closed
+
+
+def test_a_client_leaving_while_sending_its_body_is_not_an_error(server):
+    """No 500, no traceback in the server log (the module fixture checks the log at the end)."""
+    errors_before = metrics(server).get('zoo_http_errors_total{status="500"}', 0)
+    sock = _raw_connection(server)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"model\": ")
+    time.sleep(0.3)
+    sock.close()
+    time.sleep(0.5)
+    assert metrics(server).get('zoo_http_errors_total{status="500"}', 0) == errors_before
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
 
 
 def test_unknown_route_is_openai_shaped(server):
@@ -297,6 +406,39 @@ def test_a_failing_engine_step_is_a_500_and_the_server_goes_on(monkeypatch):
         r = http.post("/v1/completions", json=body)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == " better than ugly.\n"
         assert http.get("/health").json()["running"] == 0
+
+
+def test_a_failing_prefill_fails_only_its_request(monkeypatch):
+    """In-process: a prefill raises for one request while another streams; that request gets a 500
+    naming the error, the stream goes on to its last token, and the server stays healthy."""
+    from fastapi.testclient import TestClient
+
+    import zoo
+    from zoo.serve import create_app
+
+    model = zoo.load(max_batch_size=2)
+    real_prefill = model.engine.runner.prefill
+
+    def prefill(prompts, slots):
+        if [7, 7, 7] in prompts:
+            raise RuntimeError("injected prefill failure")
+        return real_prefill(prompts, slots)
+
+    monkeypatch.setattr(model.engine.runner, "prefill", prefill)
+    body = {"prompt": "Beautiful is", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(model)) as http:
+        expected = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            pieces = [next(lines)]
+            bad = http.post("/v1/completions", json={"prompt": [7, 7, 7], "max_tokens": 3})
+            assert bad.status_code == 500 and "injected prefill failure" in bad.json()["error"]["message"]
+            pieces += list(lines)
+        chunks = [json.loads(line[6:]) for line in pieces if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        health = http.get("/health").json()
+        assert health["running"] == 0 and health["waiting"] == 0
 
 
 # ---- disconnects ---------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def load_rank(settings: LoadSettings, tp: TPContext) -> "Model":
     plan = _plan(settings, config, spec)
     tokenizer = load_tokenizer(path)
     module = _build_module(spec, config, tp)
-    load_weights(module, path, plan.dtype, plan.device)
+    load_weights(module, path, plan.dtype, plan.device, check_finite=settings.check_weights)
     module.eval()
     cache = KVCache(config.num_layers, plan.max_batch_size, module.num_local_kv_heads, plan.max_seq_len,
                     config.head_dim, plan.dtype, plan.device)

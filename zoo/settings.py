@@ -65,6 +65,10 @@ class LoadSettings:
     tp_timeout_s: float | None = field(default=None, metadata=_cli(
         "--tp-timeout", type=float, metavar="SECONDS",
         help="how long ranks wait in a collective for a peer that hangs (default $ZOO_TP_TIMEOUT or 120)"))
+    check_weights: bool = field(default=True, metadata=_cli(
+        "--skip-weight-check", action="store_false",
+        help="do not scan the weights for NaN / inf while loading (the scan costs ~0.13 s per 2 GB here; "
+             "benches/results/weight_check_cost-*.md)"))
     verbose: bool = False  # one summary line on stderr once loaded (the CLIs turn it on)
 
     # ---- derived -----------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def _serve_rank(rank: int, world_size: int, port: int, device: str, use_mc2: boo
         except (pickle.PicklingError, TypeError, AttributeError) as e:  # a value that cannot travel
             conn.send(("exception", TypeError(f"the answer cannot be sent from the rank processes: {e}")))
 
+    _exit_when_orphaned()
     try:
         set_threads(threads)
         ctx = init_rank(rank, world_size, torch.device(device), f"tcp://127.0.0.1:{port}", timeout_s, use_mc2)
@@ -155,6 +156,22 @@ def _serve_rank(rank: int, world_size: int, port: int, device: str, use_mc2: boo
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         pass
+
+
+def _exit_when_orphaned(poll_s: float = 0.5) -> None:
+    """A rank whose caller died stops within poll_s, even in the middle of a long call (otherwise
+    it would finish that call, and its peers with it, for nobody)."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:  # re-parented: the caller is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="zoo-rank-orphan-watch", daemon=True).start()
 
 
 # ---- the caller side ----------------------------------------------------------------------------
@@ -261,7 +278,12 @@ class RankGroup:
         if isinstance(payload, _REQUEST_ERRORS):
             self._drain(replies)  # every rank raised it alike, and they are still in step
             raise payload
-        self._fail(f"tensor-parallel rank {rank} failed: {type(payload).__name__}: {payload}")
+        # A collective that timed out fails on the ranks that waited; the rank they waited for is
+        # the one that has not answered (hung, or stuck elsewhere): name it.
+        silent = [r for r in range(len(self._conns)) if r not in replies and not self._conns[r].poll(0)]
+        blame = (f"tensor-parallel rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped "
+                 f"answering; " if silent else "")
+        self._fail(f"{blame}tensor-parallel rank {rank} failed: {type(payload).__name__}: {payload}")
 
     def _drain(self, replies: dict) -> None:
         for rank, conn in enumerate(self._conns):

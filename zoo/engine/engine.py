@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections import deque
 
 import torch
@@ -21,6 +22,7 @@ from zoo.engine.sampling import SamplingParams, sample
 from zoo.errors import RequestError
 from zoo.graphs.kv_cache import KVCache
 from zoo.graphs.runner import GraphRunner
+from zoo.log import log
 from zoo.tokenizers.base import IncrementalDetokenizer, Tokenizer
 
 
@@ -35,6 +37,8 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # slot -> request
         self.lock = threading.RLock()
+        self._submissions = 0  # submit() calls so far
+        self.failed_steps = 0  # prefills / decodes that raised (their requests failed)
         self._default_generator = torch.Generator(device=runner.device)
         self._default_generator.seed()
         n, dev = cache.num_slots, runner.device
@@ -78,7 +82,12 @@ class Engine:
         return Request(index, prompt, list(prompt_ids), params, detok, generator)
 
     def submit(self, requests: list[Request]) -> None:
+        """Queue requests; the ones of one call share a submission, and admission takes turns
+        between submissions (see _next_waiting)."""
         with self.lock:
+            self._submissions += 1
+            for req in requests:
+                req.submission = self._submissions
             self.waiting.extend(requests)
 
     def has_work(self) -> bool:
@@ -91,38 +100,79 @@ class Engine:
 
         A step that prefilled returns without decoding, so a new request's first token reaches its
         caller as soon as it exists (a prefill-then-decode step would hold it back for a whole
-        decode); the running requests decode on the next step, at the same total cost."""
+        decode); the running requests decode on the next step, at the same total cost.
+
+        An exception inside a prefill fails that prefill's requests, one inside a decode the
+        running requests (they share the step); every other request goes on and the engine stays
+        usable. The step does not raise: the error is in the failed requests' results (and
+        failed_steps counts such steps)."""
         with self.lock:
-            try:
-                if self._admit():
-                    return
-                if self.running:
+            if self._admit():
+                return
+            if self.running:
+                running = list(self.running.values())
+                try:
                     self._decode_step()
-            except Exception as e:
-                self._fail_all(f"{type(e).__name__}: {e}")
-                raise
+                except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
+                    self._fail_requests(running, e, "decode")
 
     def _admit(self) -> bool:
         """Fill free slots: requests prefilled elsewhere are merged in; the others are prefilled
-        here, in groups of up to the largest batch bucket. True when a prefill ran."""
+        here, in groups of up to the largest batch bucket. True when a prefill ran (or failed)."""
         max_group = self.runner.buckets.batch_sizes[-1]
         prefilled = False
         while self.waiting and self.cache.num_free():
-            if self.waiting[0].prefilled is not None:
-                req = self.waiting.popleft()
-                slot = self.cache.alloc()
-                self.cache.import_slot(slot, req.prefilled.k, req.prefilled.v)
-                self._start([req], [slot], [req.prefilled.first_token])
+            first_req = self._next_waiting([])
+            if first_req.prefilled is not None:
+                self.waiting.remove(first_req)
+                self._merge(first_req)
                 continue
-            group = []
-            while (self.waiting and self.waiting[0].prefilled is None
-                   and len(group) < min(self.cache.num_free(), max_group)):
-                group.append(self.waiting.popleft())
+            group = [first_req]
+            self.waiting.remove(first_req)
+            while len(group) < min(self.cache.num_free(), max_group):
+                req = self._next_waiting(group, prefilled=False)
+                if req is None:
+                    break
+                self.waiting.remove(req)
+                group.append(req)
             slots = [self.cache.alloc() for _ in group]
-            first = self._prefill(group, slots)
-            self._start(group, slots, first)
+            try:
+                first = self._prefill(group, slots)
+            except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
+                for slot in slots:
+                    self.cache.free(slot)
+                self._fail_requests(group, e, "prefill")
+            else:
+                self._start(group, slots, first)
             prefilled = True
         return prefilled
+
+    def _next_waiting(self, picked: list[Request], prefilled: bool | None = None) -> Request | None:
+        """The waiting request to admit next: of the submission with the fewest requests running
+        (or picked for this group), the oldest; ties go to the older submission. So one call with
+        many prompts cannot hold every slot while another caller's request waits. `prefilled`
+        True / False restricts the choice to requests prefilled elsewhere / not."""
+        load: dict[int, int] = {}
+        for req in list(self.running.values()) + picked:
+            load[req.submission] = load.get(req.submission, 0) + 1
+        best = None
+        for req in self.waiting:
+            if prefilled is not None and (req.prefilled is not None) != prefilled:
+                continue
+            if best is None or load.get(req.submission, 0) < load.get(best.submission, 0):
+                best = req
+        return best
+
+    def _merge(self, req: Request) -> None:
+        """Start a request prefilled elsewhere in the lowest free slot."""
+        slot = self.cache.alloc()
+        try:
+            self.cache.import_slot(slot, req.prefilled.k, req.prefilled.v)
+        except Exception as e:  # noqa: BLE001
+            self.cache.free(slot)
+            self._fail_requests([req], e, "KV import")
+            return
+        self._start([req], [slot], [req.prefilled.first_token])
 
     def _prefill(self, group: list[Request], slots: list[int]) -> list[int]:
         """Prefill `group` into `slots` and sample each request's first token."""
@@ -133,7 +183,7 @@ class Engine:
     def _set_sampling(self, group: list[Request], slots: list[int]) -> None:
         idx = torch.tensor(slots, device=self.runner.device)
         self.temperature[idx] = torch.tensor([r.params.temperature for r in group], device=idx.device)
-        self.top_k[idx] = torch.tensor([r.params.top_k or self.vocab_size for r in group], device=idx.device)
+        self.top_k[idx] = torch.tensor([r.params.top_k_for(self.vocab_size) for r in group], device=idx.device)
         self.top_p[idx] = torch.tensor([r.params.top_p or 1.0 for r in group], device=idx.device)
 
     def _start(self, group: list[Request], slots: list[int], first_tokens: list[int]) -> None:
@@ -273,16 +323,14 @@ class Engine:
                         self.waiting.remove(req)
                     self._finish(req, "error", reason)
 
-    def _fail_all(self, error: str) -> None:
-        """After an exception inside a step: fail every in-flight request, reset slot state, stay usable."""
-        for req in list(self.running.values()) + list(self.waiting):
-            req.finish_reason, req.error, req.t_done = "error", error, time.perf_counter()
-            req.events.append(StreamEvent(req.index, "", [], "error"))
-        self.running.clear()
-        self.waiting.clear()
-        self.cache.reset()
-        self.active.zero_()
-        self.positions.fill_(self.cache.scratch_position)
+    def _fail_requests(self, requests: list[Request], error: Exception, where: str) -> None:
+        """Fail exactly these requests with `error` (their slots freed); the others go on."""
+        self.failed_steps += 1
+        message = f"{type(error).__name__}: {error}"
+        log(f"{where} failed for {len(requests)} request(s): {message}\n{traceback.format_exc()}")
+        for req in requests:
+            if not req.finished:
+                self._finish(req, "error", message)
 
 
 def _find_stop(text: str, stops, search_from: int) -> int | None:

@@ -71,6 +71,7 @@ class Request:
     t_done: float | None = None
     events: deque = field(default_factory=deque)
     prefilled: PrefilledKV | None = None  # set for requests prefilled by another engine
+    submission: int = 0  # which submit() call queued it: admission is fair between submissions
 
     @property
     def finished(self) -> bool:

@@ -30,7 +30,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, exclude: tuple[str, ..
             kwargs["help"] = f"{kwargs.get('help', '')} {defaults[f.name]}".strip()
         if kwargs.get("action") == "append":
             kwargs["default"] = []
-        elif "default" not in kwargs and kwargs.get("action") != "store_true":
+        elif "default" not in kwargs and kwargs.get("action") not in ("store_true", "store_false"):
             kwargs["default"] = f.default
         group.add_argument(*flags, **kwargs)
     return group

@@ -87,10 +87,7 @@ class Link:
         host, port = parse_address(self.address)
         where = f"prompt cluster {self.cluster_id} at {self.address}"
         t = self.timeouts.link
-        try:
-            sock = socket.create_connection((host, port), timeout=t)
-        except OSError as e:
-            raise LLMException(LLMStatusCode.LLM_LINK_FAILED, f"cannot connect to {where}: {e}") from None
+        sock = _connect_retrying(host, port, t, where)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.settimeout(t)
@@ -614,6 +611,22 @@ class _Fetcher(threading.Thread):
 def prompt_ids(model, req: LLMReq) -> list[int]:
     """A request's prompt as token ids (text is tokenized with the model's tokenizer)."""
     return encode_prompt(model.tokenizer, req.prompt, f"request {req.req_id}'s prompt", model.path)
+
+
+def _connect_retrying(host: str, port: int, timeout_s: float, where: str) -> socket.socket:
+    """Connect, retrying a refused or unreachable address until timeout_s: a prompt process
+    started at the same time as the decoder may not listen yet."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
+        except (ConnectionRefusedError, ConnectionResetError, OSError) as e:
+            if isinstance(e, socket.gaierror) or time.monotonic() + delay >= deadline:
+                raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                   f"cannot connect to {where} within {timeout_s:g} s (link_timeout): {e}") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _release_quietly(link: Link, req_id: int) -> None:

@@ -95,8 +95,8 @@ def recv_msg(sock: socket.socket) -> dict:
         raise ProtocolError(f"frame of {n} bytes announced (limit {MAX_FRAME_BYTES})")
     try:
         msg = json.loads(_recv_exact(sock, n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"frame is not UTF-8 JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, an int of > 4300 digits, too deep
+        raise ProtocolError(f"frame is not UTF-8 JSON zoo can read: {type(e).__name__}: {e}") from None
     if not isinstance(msg, dict):
         raise ProtocolError(f"frame holds a {type(msg).__name__}, not an object")
     return msg

@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", help="the `model` name clients use (default: the folder's name)")
     s.add_argument("--chat-template", metavar="FILE", help="Jinja chat template to use instead of the tokenizer's")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    s.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection whose request headers are not complete this long after it opened or "
+                        "after its last response (default 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="answer 408 when a request body is not received in full this long after its headers "
+                        "(default 30)")
     s.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting for a KV slot beyond this get 503 (default 1024)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     prometheus_client.disable_created_metrics()  # no *_created series next to every counter
 
     from zoo.serve.app import ServerSettings, create_app, default_model_name
+    from zoo.serve.connections import with_header_timeout
 
     logging.basicConfig(level=args.log_level.upper(), format="[zoo] %(levelname)s %(name)s: %(message)s")
     chat_template = None
@@ -75,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(e)
     settings = ServerSettings(served_model_name=args.served_model_name or default_model_name(model),
                               max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
+                              body_timeout_s=args.body_timeout,
                               chat_template=chat_template)
     app = create_app(model, settings)
 
@@ -82,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[zoo] serving `{settings.served_model_name}` (max batch {model.kv_cache.num_slots}, max_seq_len "
           f"{model.max_seq_len})", file=sys.stderr)
     print(f"[zoo] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5,
+                            http=with_header_timeout(args.header_timeout))
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from zoo.engine import Request as EngineRequest
 from zoo.engine import StreamEvent, encode_prompt
@@ -42,11 +43,16 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send temperature 0 for greedy
 _DRAIN_LIMIT = 16 << 20
 
 
+class ClientGone(Exception):
+    """The client disconnected while sending its request: nothing to answer, nothing to log."""
+
+
 @dataclass
 class ServerSettings:
     served_model_name: str
     max_body_bytes: int = 1 << 20
     max_queued_requests: int = 1024  # waiting (not yet in a KV slot) beyond this -> 503
+    body_timeout_s: float = 30.0  # a request body not received in full by then -> 408
     chat_template: str | None = None  # overrides the tokenizer's
 
 
@@ -78,6 +84,11 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return server.error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone):
+        # nobody reads this answer; 499 is nginx's "client closed request" (not an error of ours)
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -156,12 +167,19 @@ class _Server:
         if length.isdigit() and int(length) > _DRAIN_LIMIT:
             raise too_big
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
-            elif size > _DRAIN_LIMIT:
-                break
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size <= limit:
+                        chunks.append(chunk)
+                    elif size > _DRAIN_LIMIT:
+                        break
+        except TimeoutError:
+            raise APIError(408, f"the request body was not received within {self.settings.body_timeout_s:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            raise ClientGone() from None
         if size > limit:
             raise too_big
         return b"".join(chunks)
@@ -176,9 +194,22 @@ class _Server:
                            param="model", code="model_not_found")
 
     # ---- requests ------------------------------------------------------------------------------
+    def check_queue_room(self, n: int) -> None:
+        """503 when n more requests would pass the queue limit (checked before any tokenizing)."""
+        limit, queued = self.settings.max_queued_requests, self.engine_loop.queued()
+        if n > limit:
+            raise APIError(503, f"this request has {n} prompts, more than the server queues at once "
+                                f"(max_queued_requests={limit}); send fewer per request", type="server_error",
+                           code="overloaded")
+        if queued + n > limit:
+            raise APIError(503, f"the server is overloaded: {queued} requests are waiting for a KV slot and this "
+                                f"request adds {n}, past max_queued_requests={limit}; retry later",
+                           type="server_error", code="overloaded")
+
     def completion_requests(self, body: CompletionBody) -> list[EngineRequest]:
         """Tokenize and validate (in a worker thread); nothing is queued if any prompt is bad."""
         prompts = body.prompt_list()
+        self.check_queue_room(len(prompts))
         try:
             encoded = [encode_prompt(self.model.tokenizer, p, f"prompt {i}", self.name) for i, p in enumerate(prompts)]
         except RequestError as e:
@@ -194,8 +225,9 @@ class _Server:
                               code="chat_template_missing")
         if tok is None:
             raise missing
+        messages = body.template_messages()  # 400 naming the message for content zoo cannot take
         try:
-            ids = tok.apply_chat_template(body.template_messages(), template=self.settings.chat_template)
+            ids = tok.apply_chat_template(messages, template=self.settings.chat_template)
         except ChatTemplateError:
             raise missing from None
         except Exception as e:  # jinja2 errors (e.g. a template that insists on alternating roles)
@@ -211,17 +243,15 @@ class _Server:
                        default: int | None, prompt_param: str,
                        stop_token_ids: tuple[int, ...] = ()) -> list[EngineRequest]:
         stops = body.stop_list()
-        queued = self.engine_loop.queued()
-        if queued + len(encoded) > self.settings.max_queued_requests:
-            raise APIError(503, f"the server is overloaded: {queued} requests are already waiting for a KV slot",
-                           type="server_error", code="overloaded")
+        self.check_queue_room(len(encoded))
         requests = []
         for i, ids in enumerate(encoded):
             max_new = self._max_new_tokens(len(ids), asked, default, prompt_param)
             params = SamplingParams(
                 max_new_tokens=max_new,
                 temperature=DEFAULT_TEMPERATURE if body.temperature is None else float(body.temperature),
-                top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops, stop_token_ids=stop_token_ids,
+                top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops,
+                stop_token_ids=tuple(dict.fromkeys(stop_token_ids + tuple(body.stop_token_ids or ()))),
                 ignore_eos=body.ignore_eos)
             try:
                 requests.append(self.engine.make_request(i, ids, params, texts[i]))

@@ -140,7 +140,14 @@ class EngineLoop:
                     self._tracked[id(req)].aborted = True
             engine.abort(aborts, ABORT_REASON)  # waiting ones never enter the engine below
         if new and not stopping:
-            engine.submit([req for req, _ in new if not req.finished])
+            # one engine submission per HTTP request (they share a sink): admission takes turns
+            # between submissions, so one request with many prompts cannot hold every slot
+            by_sink: dict[int, list[Request]] = {}
+            for req, sink in new:
+                if not req.finished:
+                    by_sink.setdefault(id(sink), []).append(req)
+            for group in by_sink.values():
+                engine.submit(group)
         if engine.has_work() and not stopping:
             self._step()
         self._deliver()
@@ -148,13 +155,14 @@ class EngineLoop:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        try:
-            self.engine.step()
-        except Exception:  # the engine already failed its in-flight requests and reset its slots
-            self.step_errors += 1
-            log.exception("engine step failed; its requests get an error, the server goes on")
+        failed_before = self.engine.failed_steps
+        self.engine.step()  # a prefill or decode that raises fails only its own requests, inside the engine
+        failed = self.engine.failed_steps - failed_before
+        if failed:
+            self.step_errors += failed
+            log.error("engine step failed; its requests get an error, the server goes on")
             if self.metrics is not None:
-                self.metrics.step_errors.inc()
+                self.metrics.step_errors.inc(failed)
         self.steps += 1
         self.peak_running = max(self.peak_running, len(self.engine.running))
         if self.metrics is not None:

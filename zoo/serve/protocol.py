@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zoo.engine.sampling import INT64_MAX, INT64_MIN
+
+log = logging.getLogger("zoo.serve")
+_ignored_fields_logged: set[str] = set()
 
 
 class APIError(Exception):
@@ -25,9 +31,17 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 # ---- request bodies -------------------------------------------------------------------------
 class _Body(BaseModel):
-    # strict: "0.5" is not a number and true is not an int, as in OpenAI's API; unknown fields are
-    # ignored (clients send fields such as `user`).
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "0.5" is not a number and true is not an int, as in OpenAI's API. Unknown fields are
+    # ignored, as OpenAI-compatible servers do (clients and SDKs send their own extras), but never
+    # silently: the first time a field name is seen it is logged (see warn_ignored_fields).
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    def warn_ignored_fields(self, path: str = "") -> None:
+        for name in self.model_extra or {}:
+            key = f"{type(self).__name__}.{path}{name}"
+            if key not in _ignored_fields_logged:
+                _ignored_fields_logged.add(key)
+                log.warning("ignoring the request field %r, which zoo does not know (logged once)", f"{path}{name}")
 
 
 class StreamOptions(_Body):
@@ -39,9 +53,10 @@ class _GenerationBody(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)  # extension (as vLLM)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)  # extension (as vLLM): 0 or -1 = off
     stop: str | list[str] | None = None
-    seed: int | None = None
+    stop_token_ids: list[int] | None = None  # extension (as vLLM): also stop at these token ids
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     n: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -65,6 +80,9 @@ class _GenerationBody(_Body):
             raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_value")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+        if any(t < 0 or t > INT64_MAX for t in self.stop_token_ids or ()):
+            raise bad_request("stop_token_ids must be token ids (integers >= 0)", param="stop_token_ids")
+        self.warn_ignored_fields()
 
     def stop_list(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -72,6 +90,8 @@ class _GenerationBody(_Body):
             raise bad_request(f"at most 16 stop sequences are allowed, got {len(stops)}", param="stop")
         if any(not s for s in stops):
             raise bad_request("stop sequences must be non-empty strings", param="stop")
+        for s in stops:
+            check_text(s, "stop")
         return stops
 
     @property
@@ -100,11 +120,13 @@ class CompletionBody(_GenerationBody):
     def prompt_list(self) -> list[str | list[int]]:
         """The prompts of the request: one string / token list, or a list of them."""
         p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        if not p:
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
             raise bad_request("prompt must not be empty", param="prompt")
-        return list(p)
+        for i, one in enumerate(prompts):
+            if isinstance(one, str):
+                check_text(one, "prompt" if len(prompts) == 1 and isinstance(p, str) else f"prompt[{i}]")
+        return prompts
 
 
 class ContentPart(_Body):
@@ -121,13 +143,13 @@ class ChatMessage(_Body):
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return self.content
+            return check_text(self.content, f"messages[{index}].content")
         parts = []
         for j, part in enumerate(self.content):
             if part.type != "text" or part.text is None:
                 raise bad_request(f"content parts of type {part.type!r} are not supported (text only)",
                                   param=f"messages[{index}].content[{j}]", code="unsupported_value")
-            parts.append(part.text)
+            parts.append(check_text(part.text, f"messages[{index}].content[{j}].text"))
         return "".join(parts)
 
 
@@ -160,6 +182,18 @@ class ChatCompletionBody(_GenerationBody):
                 msg["name"] = m.name
             out.append(msg)
         return out
+
+
+def check_text(text: str, param: str) -> str:
+    """Text must be valid Unicode: JSON can carry a lone UTF-16 surrogate ("\\ud800"), which no
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"'{param}' is not valid Unicode text: it holds a lone UTF-16 surrogate "
+                          f"({text[e.start]!r} at character {e.start}); send well-formed text", param=param,
+                          code="invalid_value") from None
+    return text
 
 
 # ---- parsing --------------------------------------------------------------------------------
