@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-foreign-share", type=float, default=0.25,
                    help="retry a sample when other processes used more than this share of all CPUs during it")
     p.add_argument("--retries", type=int, default=2)
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output folder")
+    p.add_argument("--out", help="output folder (default benches/results; with --quick benches/.quick, which git "
+                                 "ignores: a smoke run is not a result unless you ask for it)")
     p.add_argument("--name", help="output file stem (default cpu-<date>, quick-cpu-<date> with --quick)")
     return p
 
@@ -510,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     now = dt.datetime.now()
     stem = args.name or f"{'quick-' if args.quick else ''}cpu-{now:%Y-%m-%d}"
+    args.out = args.out or os.path.join(HERE, ".quick" if args.quick else "results")
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, f"{stem}.log")
     open(log_path, "w").close()

@@ -55,16 +55,22 @@ def _cli(module, *args):
 
 
 @pytest.mark.compiled
-def test_cli_compiled_json():
-    run = _cli("zoo.llama.infer", "--compiled", "--prompt", PROMPT, "--prompt", "Simple is", "--json",
-               "--max-new-tokens", "24", "--max-batch-size", "2", "--max-seq-len", "64")
+def test_cli_compiled_json(tmp_path):
+    args = ["--compiled", "--prompt", PROMPT, "--prompt", "Simple is", "--json", "--max-new-tokens", "24",
+            "--max-batch-size", "2", "--max-seq-len", "64", "--cache-dir", str(tmp_path / "cache")]
+    run = _cli("zoo.llama.infer", *args)
     assert run.returncode == 0, run.stderr
     rows = [json.loads(line) for line in run.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == [PROMPT, "Simple is"]
     assert GOLDEN.startswith(rows[0]["text"]) and rows[0]["text"].startswith(" better than ugly.\nExplicit")
     assert set(rows[0]) == {"prompt", "text", "token_ids", "finish_reason", "prompt_tokens", "ttft_ms", "tpot_ms"}
     assert len(rows[0]["token_ids"]) == 24 and rows[0]["finish_reason"] == "length"
-    assert "compiling decode graph" in run.stderr
+    assert "compiling decode graph" in run.stderr and "loading cached" not in run.stderr
+    # the same command again: every graph comes from the graph cache, and the log says so
+    again = _cli("zoo.llama.infer", *args)
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line)["token_ids"] for line in again.stdout.splitlines()] == [r["token_ids"] for r in rows]
+    assert "loading cached decode graph" in again.stderr and "compiling" not in again.stderr
 
 
 def test_cli_streams_text_and_prints_a_summary():

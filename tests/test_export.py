@@ -192,6 +192,24 @@ def test_cli_reports_a_bad_model_path(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--max-seq-len", "256", "--prefill-lens", "32,64"], "--prefill-lens [32, 64] cannot be loaded back"),
+    (["--max-batch-size", "4", "--batch-sizes", "1,2"], "--batch-sizes [1, 2] cannot be loaded back"),
+    (["--max-seq-len", "64", "--prefill-lens", "32,64", "--context-lens", "16,32"],
+     "--context-lens [16, 32] cannot be loaded back"),
+])
+def test_cli_refuses_buckets_that_could_not_be_loaded_back_before_exporting(tmp_path, capsys, args, message):
+    """zoo.load(compiled=DIR) needs the buckets to end at the cache size: the export says so before
+    compiling anything, and writes nothing."""
+    from zoo.export import main
+
+    out = tmp_path / "out"
+    assert main(["--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing was exported" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_zoo_load_from_an_export_dir_generates_eager_tokens_without_compiling(exported):
     from torch._dynamo.utils import counters
 

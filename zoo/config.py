@@ -14,6 +14,10 @@ from typing import Any
 from zoo.errors import ConfigError
 
 
+# dtype names a checkpoint's torch_dtype and zoo's options use (zoo.device maps them to torch dtypes)
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 # rope types and the extra keys each one needs.
 _ROPE_KEYS = {
     "default": (),

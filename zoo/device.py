@@ -11,6 +11,7 @@ import types
 
 import torch
 
+from zoo.config import DTYPE_ALIASES, DTYPE_NAMES
 from zoo.errors import DeviceError
 
 SUPPORTED = ("cpu", "cuda", "npu")
@@ -30,10 +31,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 
-# dtype names users and files write -> torch dtypes (the one table; aliases included)
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # the canonical names (CLI choices, file names)
+# dtype names users and files write (zoo.config.DTYPE_NAMES, aliases included) -> torch dtypes
+DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
+          **{alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}}
+DTYPE_CHOICES = DTYPE_NAMES  # the canonical names (CLI choices, compile-config sections)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -2,20 +2,24 @@
 
 One dataclass owns the options: zoo.load(**options) builds it, and every CLI (generate, serve, pd,
 export) derives its model options from the `cli` metadata of its fields
-(zoo.entrypoints.options.add_model_options), so a new option is added here once.
+(zoo.entrypoints.options.add_model_options), so a new option is added here once. Importing this
+module does not import torch: the CLIs parse and check their options before a model loads.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from zoo.config import DTYPE_ALIASES, DTYPE_NAMES
 
-from zoo.device import DTYPE_CHOICES, parse_dtype
-from zoo.distributed.comm import TPContext
-from zoo.graphs.buckets import Buckets
-from zoo.graphs.compile_config import CompileConfig
+if TYPE_CHECKING:  # torch and what needs it are imported when a model is loaded, not to parse options
+    import torch
+
+    from zoo.distributed.comm import TPContext
+    from zoo.graphs.buckets import Buckets
+    from zoo.graphs.compile_config import CompileConfig
 
 
 def _cli(*flags: str, **argparse_kwargs) -> dict:
@@ -30,7 +34,7 @@ class LoadSettings:
                              "(default: the embedded tiny model)"))
     device: str = field(default="cpu", metadata=_cli("--device", help="cpu | cuda[:N] | npu[:N] (default cpu)"))
     dtype: str | torch.dtype | None = field(default=None, metadata=_cli(
-        "--dtype", choices=DTYPE_CHOICES, help="weights and KV cache dtype (default: the checkpoint's; float16 "
+        "--dtype", choices=DTYPE_NAMES, help="weights and KV cache dtype (default: the checkpoint's; float16 "
                                                "becomes bfloat16 on cpu)"))
     compiled: bool | str = field(default=False, metadata=_cli(
         "--compiled", nargs="?", const=True, metavar="EXPORT_DIR",
@@ -74,9 +78,9 @@ class LoadSettings:
     # ---- derived -----------------------------------------------------------------------------------
     @property
     def tp_size(self) -> int:
-        if isinstance(self.tp, TPContext):
-            return self.tp.world_size
-        return self.tp or 1
+        if self.tp is None or isinstance(self.tp, int):
+            return self.tp or 1
+        return self.tp.world_size  # a TPContext
 
     @property
     def spawns_ranks(self) -> bool:
@@ -101,10 +105,10 @@ class LoadSettings:
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int)
                                              or self.max_seq_len < 2):
             raise ValueError(f"max_seq_len must be an int >= 2, got {self.max_seq_len!r}")
-        if not isinstance(self.tp, TPContext):
+        if self.tp is None or isinstance(self.tp, int):  # else a TPContext
             positive_int("tp")
-        if self.dtype is not None:
-            parse_dtype(self.dtype)
+        if isinstance(self.dtype, str) and self.dtype.removeprefix("torch.") not in (*DTYPE_NAMES, *DTYPE_ALIASES):
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
         if not isinstance(self.compiled, (bool, str)):
             raise ValueError(f"compiled must be True, False or an export folder, got {self.compiled!r}")
         if self.tp_size > 1 and self.exported:

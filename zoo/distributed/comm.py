@@ -106,10 +106,3 @@ def init_rank(rank: int, world_size: int, device: torch.device, init_method: str
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return TPContext(rank, world_size, dist.group.WORLD, use_mc2=use_mc2)
-
-
-def torchrun_env() -> tuple[int, int] | None:
-    """(rank, world size) when started by torchrun (RANK / WORLD_SIZE set), else None."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    return None

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zoo.api import load_from
-from zoo.entrypoints.options import (add_model_options, handled_errors, positive_int_list, report,
+from zoo.entrypoints.options import (ArgumentParser, add_model_options, handled_errors, positive_int_list, report,
                                      settings_from_args)
-from zoo.graphs.aoti import export_graphs
 
 
 def _context_lens(text: str) -> list[int]:
@@ -21,7 +19,7 @@ def _context_lens(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m zoo.export",
         description="Export a model's prefill/decode graphs with AOTInductor (one package per shape bucket, "
                     "weights not included: they are fed from the checkpoint at load time).")
@@ -46,16 +44,37 @@ def main(argv: list[str] | None = None) -> int:
     max_seq_len = args.max_seq_len or (max(args.prefill_lens) if args.prefill_lens else None)
     try:
         settings = settings_from_args(args, max_batch_size=max_batch_size, max_seq_len=max_seq_len, verbose=True)
+        from zoo.api import load_from  # torch: only once the options have passed their checks
+        from zoo.graphs import Buckets
+        from zoo.graphs.aoti import export_graphs
+
         model = load_from(settings)
         # Unless the lists are given, the buckets zoo.load chose for this model (its compile config's).
         buckets = model.buckets
-        contexts = args.context_lens if args.context_lens is not None else list(buckets.context_lens)
-        export_graphs(model.module, model.kv_cache, args.out, args.batch_sizes or list(buckets.batch_sizes),
-                      args.prefill_lens or list(buckets.prefill_lens), contexts)
+        chosen = Buckets(tuple(args.batch_sizes or buckets.batch_sizes), tuple(args.prefill_lens or buckets.prefill_lens),
+                         tuple(args.context_lens if args.context_lens is not None else buckets.context_lens))
+        _check_loadable(chosen, model.kv_cache.num_slots, model.max_seq_len)  # before minutes of compiling
+        export_graphs(model.module, model.kv_cache, args.out, list(chosen.batch_sizes), list(chosen.prefill_lens),
+                      list(chosen.context_lens))
     except handled_errors() as e:
         return report(e)
     print(args.out)
     return 0
+
+
+def _check_loadable(buckets, max_batch_size: int, max_seq_len: int) -> None:
+    """The buckets zoo.load(compiled=DIR) will accept for this export (it sizes the KV cache from it):
+    checked before anything compiles, naming the flags to change."""
+    flags = {"batch_sizes": ("--batch-sizes", "--max-batch-size", max_batch_size),
+             "prefill_lens": ("--prefill-lens", "--max-seq-len", max_seq_len),
+             "context_lens": ("--context-lens", "--max-seq-len", max_seq_len)}
+    try:
+        buckets.validate(max_batch_size, max_seq_len)
+    except ValueError as e:
+        field = str(e).split()[0].removeprefix("buckets.")
+        flag, limit_flag, limit = flags.get(field, ("the buckets", "the cache size", "?"))
+        raise ValueError(f"{flag} {list(getattr(buckets, field, []))} cannot be loaded back: zoo.load(compiled=DIR) "
+                         f"needs them to end at {limit_flag} ({limit}) ({e}); nothing was exported") from None
 
 
 if __name__ == "__main__":

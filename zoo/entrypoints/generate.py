@@ -7,11 +7,9 @@ import os
 import sys
 import time
 
-from zoo.api import load_from
-from zoo.distributed.comm import init_rank, torchrun_env
-from zoo.entrypoints.options import add_model_options, handled_errors, report, settings_from_args
+from zoo.entrypoints.options import (ArgumentParser, add_model_options, handled_errors, positive_int, report,
+                                     settings_from_args)
 from zoo.errors import ChatTemplateError, RequestError, TPWorkerError
-from zoo.models import embedded_model_path
 
 DEFAULT_PROMPT = "Beautiful is"
 _PRINT_SUMMARY = True  # False on torchrun ranks other than 0
@@ -19,14 +17,22 @@ _PRINT_SUMMARY = True  # False on torchrun ranks other than 0
 COMMANDS = {"llama": "python -m zoo.llama.infer", "qwen2": "python -m zoo.qwen.infer"}
 
 
+def load_from(settings):
+    """zoo.api.load_from, imported only once the options have passed their checks: torch (seconds to
+    import) is not loaded to refuse a typo."""
+    from zoo.api import load_from as load
+
+    return load(settings)
+
+
 def build_parser(family: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=COMMANDS.get(family, "python -m zoo.entrypoints.generate"),
         description=f"Generate text with zoo's hand-adapted {family} model (eager or compiled graphs).")
     add_model_options(p, defaults={"model_path": f"(here: the embedded tiny {family})"})
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", action="append", help=f"prompt text; repeat for a batch (default: {DEFAULT_PROMPT!r})")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
@@ -46,12 +52,16 @@ def main(family: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.system is not None and not args.chat:
         parser.error("--system is a chat message: it needs --chat")  # exits with code 2
-    launched = torchrun_env()
+    launched = _torchrun_env()
     under_torchrun = launched is not None and launched[1] > 1
     rank = 0
     try:
         prompts = _prompts(args, under_torchrun)
-        settings = settings_from_args(args, model_path=args.model_path or embedded_model_path(family), verbose=True)
+        settings = settings_from_args(args, verbose=True)  # refuses bad options before torch is imported
+        if settings.model_path is None:
+            from zoo.models import embedded_model_path
+
+            settings = settings.replace(model_path=embedded_model_path(family))
         if under_torchrun:  # this process is one rank of torchrun's group
             rank, world_size = launched
             if args.tp not in (None, 1, world_size):
@@ -128,8 +138,16 @@ def _with_chat_stops(model, sampling: dict) -> dict:
     return {**sampling, "stop_token_ids": sorted(stops)}
 
 
+def _torchrun_env() -> tuple[int, int] | None:
+    """(rank, world size) when started by torchrun (RANK / WORLD_SIZE set), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
 def _torchrun_rank(rank: int, world_size: int, args):
     from zoo.device import resolve_device
+    from zoo.distributed.comm import init_rank
 
     return init_rank(rank, world_size, resolve_device(args.device), "env://", args.tp_timeout_s, args.use_mc2)
 

@@ -79,6 +79,7 @@ class GraphCache:
         self._lock_path = self.dir + ".lock"
         with self._locked():
             self.status = self._open()
+            self.graphs = self._recorded_graphs()  # the graphs compiled into this entry so far
 
     @contextlib.contextmanager
     def _locked(self):
@@ -134,18 +135,33 @@ class GraphCache:
                 return f"file {rel} does not match its checksum"
         return None
 
+    def _recorded_graphs(self) -> set[str]:
+        try:
+            with open(os.path.join(self.dir, MANIFEST), encoding="utf-8") as f:
+                return set(json.load(f).get("graphs", []))
+        except (OSError, ValueError, AttributeError, TypeError):
+            return set()
+
+    def has(self, graph: str) -> bool:
+        """Whether `graph` (e.g. "prefill b1 s32") was compiled into this entry, so its first call
+        loads it rather than compiling it."""
+        return graph in self.graphs
+
     def seal(self) -> None:
-        """Record every file now in the directory (called after each compile)."""
+        """Record every file now in the directory, and the graphs compiled into it (after each compile)."""
         files = {rel: [os.path.getsize(os.path.join(self.dir, rel)), _sha256(os.path.join(self.dir, rel))]
                  for rel in self._files()}
+        self.graphs |= self._recorded_graphs()  # another process may have added some meanwhile
         tmp = os.path.join(self.dir, MANIFEST + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"fields": self.fields, "files": files}, f, indent=1, sort_keys=True)
+            json.dump({"fields": self.fields, "files": files, "graphs": sorted(self.graphs)}, f, indent=1,
+                      sort_keys=True)
         os.replace(tmp, os.path.join(self.dir, MANIFEST))  # atomic: never a half-written manifest
 
     @contextlib.contextmanager
-    def compiling(self):
-        """Compile into this directory (as inductor's cache dir), under the key's lock; seal after."""
+    def compiling(self, graph: str | None = None):
+        """Compile `graph` into this directory (as inductor's cache dir), under the key's lock; record
+        it and seal after."""
         with self._locked():
             previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.dir
@@ -154,6 +170,8 @@ class GraphCache:
                           else contextlib.nullcontext())
                 with probes:
                     yield
+                if graph is not None:
+                    self.graphs.add(graph)
                 self.seal()
             finally:
                 if previous is None:

@@ -26,6 +26,7 @@ Any unknown key or wrong value raises CompileConfigError naming the key and the 
 """
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -159,9 +160,21 @@ def _parse_inductor(table, fail) -> tuple[dict, dict]:
     return common, by_dtype
 
 
+def check_inductor_overrides(options: dict | None) -> None:
+    """zoo.load(inductor_options=...) / --inductor-option: each key a real inductor option, with a
+    value of the option's kind; CompileConfigError naming the key (and the close matches)."""
+    def fail(key: str, problem: str):
+        raise CompileConfigError(f"inductor option {key!r} (--inductor-option / inductor_options) {problem}")
+
+    known = set(torch._inductor.list_options())
+    for key, value in (options or {}).items():
+        _check_inductor_option(key, key, value, known, fail)
+
+
 def _check_inductor_option(path: str, key: str, value, known: set, fail) -> None:
     if key not in known:
-        fail(path, "is not a torch._inductor.config option")
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.7)
+        fail(path, "is not a torch._inductor.config option" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     current = getattr(torch._inductor.config, key, None) if "." not in key else None
     if isinstance(current, bool) and not isinstance(value, bool):
         fail(path, f"must be true or false, got {value!r}")

@@ -41,12 +41,13 @@ class GraphRunner:
     def _timed_first_call(self, key: tuple, fn, *args, **kwargs):
         if key in self.first_call_seconds:
             return fn(*args, **kwargs)
+        what = {"prefill": "length", "decode": "context"}[key[0]]
+        name = f"{key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else "")
+        cached = self.graph_cache is not None and self.graph_cache.has(name)
         if self.compiled and self.log_compiles:
-            what = {"prefill": "length", "decode": "context"}[key[0]]
-            log(f"compiling {key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else "")
-                 + f" ({self.description})")
+            log(f"{'loading cached' if cached else 'compiling'} {name} ({self.description})")
         start = time.perf_counter()
-        with self.graph_cache.compiling() if self.graph_cache else contextlib.nullcontext():
+        with self.graph_cache.compiling(name) if self.graph_cache else contextlib.nullcontext():
             out = fn(*args, **kwargs)
         self.first_call_seconds[key] = time.perf_counter() - start
         if self.compiled and self.log_compiles:

@@ -6,12 +6,11 @@ import logging
 import socket
 import sys
 
-from zoo.api import load_from
-from zoo.entrypoints.options import add_model_options, handled_errors, report, settings_from_args
+from zoo.entrypoints.options import ArgumentParser, add_model_options, handled_errors, report, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.serve",
+    p = ArgumentParser(prog="python -m zoo.serve",
                                 description="OpenAI-compatible HTTP server (completions, chat completions, "
                                             "streaming, /metrics) on zoo's continuous-batching engine.")
     m = add_model_options(p, exclude=("tp", "use_mc2", "tp_timeout_s"),
@@ -42,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args, verbose=True)  # bad options are refused before torch loads
+    except handled_errors() as e:
+        return report(e)
     import prometheus_client
     import uvicorn  # imported here so that --help works without the serve extra
 
@@ -72,22 +75,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = sock.getsockname()[:2]
     try:
+        from zoo.api import load_from
+
         # --threads applies here, before the engine thread starts: it inherits the setting
-        model = load_from(settings_from_args(args, verbose=True))
+        model = load_from(settings)
         if args.warmup:
             lens = None if args.warmup == "all" else [int(x) for x in args.warmup.split(",") if x]
             model.warmup(prompt_lens=lens)
     except handled_errors() as e:
         sock.close()
         return report(e)
-    settings = ServerSettings(served_model_name=args.served_model_name or default_model_name(model),
+    server_settings = ServerSettings(served_model_name=args.served_model_name or default_model_name(model),
                               max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
                               body_timeout_s=args.body_timeout,
                               chat_template=chat_template)
-    app = create_app(model, settings)
+    app = create_app(model, server_settings)
 
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"[zoo] serving `{settings.served_model_name}` (max batch {model.kv_cache.num_slots}, max_seq_len "
+    print(f"[zoo] serving `{server_settings.served_model_name}` (max batch {model.kv_cache.num_slots}, max_seq_len "
           f"{model.max_seq_len})", file=sys.stderr)
     print(f"[zoo] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5,
