@@ -216,7 +216,17 @@ ERROR_CASES = [
     ("token_id_outside_vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", None),
     ("top_p_zero", "/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
     ("stream_options_without_stream", "/v1/completions",
-     {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+     {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "invalid_value"),
+    ("best_of_zero", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 0}, 400, "best_of", "invalid_value"),
+    ("best_of_above_1", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2}, 400, "best_of",
+     "unsupported_value"),
+    ("too_many_stops", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a"] * 17}, 400, "stop",
+     "invalid_value"),
+    ("empty_stop", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop", "invalid_value"),
+    ("image_content_part", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]", "unsupported_value"),
     ("oversized_body", "/v1/completions", {"model": MODEL, "prompt": "a" * (1 << 20)}, 413, None,
      "request_too_large"),
     ("seed_past_int64", "/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**63}, 400, "seed",
@@ -235,7 +245,7 @@ ERROR_CASES = [
      {"model": MODEL, "messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content",
      "invalid_value"),
     ("negative_stop_token_id", "/v1/completions", {"model": MODEL, "prompt": "x", "stop_token_ids": [-1]}, 400,
-     "stop_token_ids", None),
+     "stop_token_ids", "invalid_value"),
 ]
 
 

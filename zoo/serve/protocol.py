@@ -79,17 +79,20 @@ class _GenerationBody(_Body):
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_value")
         if self.stream_options is not None and not self.stream:
-            raise bad_request("stream_options is only allowed when stream is true", param="stream_options")
+            raise bad_request("stream_options is only allowed when stream is true", param="stream_options",
+                              code="invalid_value")
         if any(t < 0 or t > INT64_MAX for t in self.stop_token_ids or ()):
-            raise bad_request("stop_token_ids must be token ids (integers >= 0)", param="stop_token_ids")
+            raise bad_request("stop_token_ids must be token ids (integers >= 0)", param="stop_token_ids",
+                              code="invalid_value")
         self.warn_ignored_fields()
 
     def stop_list(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if len(stops) > 16:
-            raise bad_request(f"at most 16 stop sequences are allowed, got {len(stops)}", param="stop")
+            raise bad_request(f"at most 16 stop sequences are allowed, got {len(stops)}", param="stop",
+                              code="invalid_value")
         if any(not s for s in stops):
-            raise bad_request("stop sequences must be non-empty strings", param="stop")
+            raise bad_request("stop sequences must be non-empty strings", param="stop", code="invalid_value")
         for s in stops:
             check_text(s, "stop")
         return stops
@@ -102,7 +105,7 @@ class _GenerationBody(_Body):
 class CompletionBody(_GenerationBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
     logprobs: int | None = None
 
