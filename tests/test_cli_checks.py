@@ -2,11 +2,13 @@
 naming the flag, exit code 2, and torch is never imported (it takes seconds to import here)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY = {
     "generate": "from zoo.entrypoints.generate import main; run = lambda a: main('llama', a)",
     "serve": "from zoo.serve.__main__ import main as run",
@@ -35,6 +37,8 @@ CASES = [
     ("generate", ["--model-path", "/nonexistent/folder"], "error: --model-path '/nonexistent/folder': no such folder"),
     ("generate", ["--compiled", "--cache-dir", "{file}/graphs"], "is a file, not a folder"),
     ("generate", ["--inductor-option", "cpp_wrapper"], "--inductor-option expects KEY=VALUE"),
+    ("generate", ["--tp", "3", "--model-path", "{tiny_llama}"],
+     "error: --tp 3: num_attention_heads (4) must be divisible by the tensor-parallel size 3"),
     ("serve", ["--max-batch-size", "0"], "error: --max-batch-size must be an int >= 1, got 0"),
     ("serve", ["--dtype", "float8"], "argument --dtype: invalid choice"),
     ("export", ["--out", "x", "--model-path", "/nonexistent/folder"], "no such folder"),
@@ -45,7 +49,8 @@ CASES = [
 def test_bad_options_are_refused_before_torch_loads(tmp_path, entry, args, message):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    args = [a.replace("{file}", str(a_file)) for a in args]
+    tiny_llama = os.path.join(ROOT, "zoo", "embedded", "tiny-llama")
+    args = [a.replace("{file}", str(a_file)).replace("{tiny_llama}", tiny_llama) for a in args]
     rc, stderr, torch_imported = run_without_torch(entry, args)
     assert rc == 2, stderr
     assert message in stderr, stderr

@@ -189,6 +189,17 @@ def _parse_rope(raw: dict[str, Any], head_dim: int, source: str) -> RopeConfig:
     )
 
 
+def tp_head_split_problem(num_heads: int, num_kv_heads: int, tp_size: int) -> str | None:
+    """Why `tp_size` ranks cannot share these attention heads, or None when they can: q heads split
+    evenly, kv heads split evenly or (fewer kv heads than ranks) replicated."""
+    if num_heads % tp_size:
+        return f"num_attention_heads ({num_heads}) must be divisible by the tensor-parallel size {tp_size}"
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        return (f"num_key_value_heads ({num_kv_heads}) and the tensor-parallel size {tp_size} must divide one "
+                "another (kv heads are split across ranks, or replicated when there are fewer than ranks)")
+    return None
+
+
 def _positive_int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise ConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r}")

@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from zoo.entrypoints.options import (ArgumentParser, add_model_options, handled_errors, positive_int, report,
-                                     settings_from_args)
+from zoo.entrypoints.options import (ArgumentParser, add_model_options, check_before_load, handled_errors,
+                                     positive_int, report, settings_from_args)
 from zoo.errors import ChatTemplateError, RequestError, TPWorkerError
 
 DEFAULT_PROMPT = "Beautiful is"
@@ -61,7 +61,7 @@ def main(family: str, argv: list[str] | None = None) -> int:
         if settings.model_path is None:
             from zoo.models import embedded_model_path
 
-            settings = settings.replace(model_path=embedded_model_path(family))
+            settings = check_before_load(settings.replace(model_path=embedded_model_path(family)))
         if under_torchrun:  # this process is one rank of torchrun's group
             rank, world_size = launched
             if args.tp not in (None, 1, world_size):

@@ -10,6 +10,7 @@ import os
 import re
 import sys
 
+from zoo.config import read_config_json, tp_head_split_problem
 from zoo.errors import TPWorkerError, ZooError
 from zoo.settings import CLI_FIELDS, LoadSettings
 
@@ -108,6 +109,14 @@ def check_before_load(settings: LoadSettings) -> LoadSettings:
                                 "folder has config.json, *.safetensors and tokenizer files)")
     if settings.cache_dir is not None:
         _check_writable_dir(settings.cache_dir, "--cache-dir")
+    if path is not None and settings.tp_size > 1 and not settings.exported:
+        raw, source = read_config_json(path)
+        heads = raw.get("num_attention_heads")
+        if isinstance(heads, int) and heads > 0:
+            kv_heads = raw.get("num_key_value_heads") or heads
+            problem = tp_head_split_problem(heads, kv_heads, settings.tp_size) if isinstance(kv_heads, int) else None
+            if problem:
+                raise ValueError(f"--tp {settings.tp_size}: {problem} ({source})")
     return settings
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.config import tp_head_split_problem
 from zoo.distributed.comm import SINGLE, TPContext, all_gather_last_dim, all_reduce, wait
 
 
@@ -88,11 +89,9 @@ def qkv_head_ranges(num_heads: int, num_kv_heads: int, tp: TPContext) -> tuple[t
     each rank keeps the one kv head its q heads attend with (kv head h // (num_heads / num_kv_heads)),
     replicated on tp / num_kv_heads ranks."""
     ws = tp.world_size
-    if num_heads % ws:
-        raise ValueError(f"num_attention_heads ({num_heads}) must be divisible by the tensor-parallel size {ws}")
-    if num_kv_heads % ws and ws % num_kv_heads:
-        raise ValueError(f"num_key_value_heads ({num_kv_heads}) and the tensor-parallel size {ws} must divide one "
-                         "another (kv heads are split across ranks, or replicated when there are fewer than ranks)")
+    problem = tp_head_split_problem(num_heads, num_kv_heads, ws)
+    if problem:
+        raise ValueError(problem)
     q = tp.shard(num_heads, "num_attention_heads")
     if num_kv_heads % ws == 0:
         kv = tp.shard(num_kv_heads, "num_key_value_heads")
