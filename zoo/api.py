@@ -355,6 +355,11 @@ class TPModel:
     def closed(self) -> bool:
         return self._group.closed
 
+    @property
+    def rank_pids(self) -> list[int]:
+        """Process ids of the rank processes, rank order (to watch or signal them)."""
+        return self._group.pids
+
     def close(self) -> None:
         """Abort in-flight requests on the ranks, then stop the rank processes."""
         if not self._group.closed:

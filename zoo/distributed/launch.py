@@ -199,6 +199,11 @@ class RankGroup:
         self._collect(starting=True)
         self.root = RemoteObject(self, 0)
 
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the ranks, rank order."""
+        return [proc.pid for proc in self._procs]
+
     # ---- requests ----------------------------------------------------------------------------
     def request(self, op: str, handle: int = 0, name: str | None = None, args: tuple = (), kwargs: dict | None = None):
         """Send one operation to every rank; rank 0's payload."""
