@@ -82,4 +82,4 @@ def test_cli_streams_text_and_prints_a_summary():
 
 def test_cli_reports_a_missing_model_folder():
     run = _cli("zoo.llama.infer", "--model-path", "/nonexistent/model")
-    assert run.returncode == 2 and "model folder not found: '/nonexistent/model'" in run.stderr
+    assert run.returncode == 2 and "error: --model-path '/nonexistent/model': no such folder" in run.stderr
