@@ -1,6 +1,7 @@
 """The on-disk graph cache: what its key covers, damage detection, and a warm second process."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -8,46 +9,112 @@ import textwrap
 import pytest
 import torch
 
-from zoo.models import read_config
-from zoo.graphs.cache import MANIFEST, GraphCache, cache_key_fields, modeling_source_hash
+import zoo
 from zoo.graphs import Buckets
-from zoo.models.llama import LlamaForCausalLM
-from zoo.models.qwen2 import Qwen2ForCausalLM
+from zoo.graphs.cache import MANIFEST, GraphCache, cache_key_fields, source_hash
+from zoo.models import read_config, spec_for_family
+from zoo.models.registry import SPECS
 
 FIELDS = {"example": 1}
+BACKENDS = ("inductor", "torchair")
+# Code that drives the graphs (loads, schedules, pads, spawns ranks) but is never traced into them:
+# editing it must keep every compiled graph.
+DRIVING_FILES = ("distributed/launch.py", "api.py", "engine/engine.py", "graphs/runner.py")
 
 
-class EditedLlama(LlamaForCausalLM):
-    """Stands for an edit to the forward code: same weights, same config, different source."""
-
-    def decode(self, input_ids, positions, k_caches, v_caches):
-        return super().decode(input_ids, positions, k_caches, v_caches) * 1.0
-
-
-def _module(cls, checkpoint, kind="llama2"):
-    config = read_config(checkpoint(kind))
-    with torch.device("meta"):
-        return cls(config)
-
-
-def _key(module, fingerprint=None, dtype=torch.float32, buckets=Buckets((1,), (32,)), shape=(2, 4, 33, 16)):
-    fields = cache_key_fields(module, fingerprint or {"options": {"cpp_wrapper": True}}, dtype, buckets, shape,
+def _key(traced=None, raw=None, fingerprint=None, dtype=torch.float32, buckets=Buckets((1,), (32,)),
+         shape=(2, 4, 33, 16)) -> str:
+    fields = cache_key_fields(spec_for_family("llama").traced_files() if traced is None else traced,
+                              {"model_type": "llama"} if raw is None else raw,
+                              fingerprint or {"options": {"cpp_wrapper": True}}, dtype, buckets, shape,
                               torch.device("cpu"))
     return json.dumps(fields, sort_keys=True)
 
 
 def test_key_changes_with_everything_that_changes_compiled_code(checkpoint):
-    llama = _module(LlamaForCausalLM, checkpoint)
-    base = _key(llama)
-    assert _key(_module(LlamaForCausalLM, checkpoint)) == base  # deterministic
-    assert _key(_module(EditedLlama, checkpoint)) != base  # modeling source
-    assert modeling_source_hash(_module(EditedLlama, checkpoint)) != modeling_source_hash(llama)
-    assert _key(llama, fingerprint={"options": {"cpp_wrapper": False}}) != base  # compile config
-    assert _key(llama, dtype=torch.bfloat16) != base
-    assert _key(llama, buckets=Buckets((1, 2), (32,))) != base
-    assert _key(llama, shape=(3, 4, 33, 16)) != base  # KV-cache geometry
-    assert _key(_module(LlamaForCausalLM, checkpoint, "llama3_gqa")) != base  # model config
-    assert _key(_module(Qwen2ForCausalLM, checkpoint, "qwen2")) != _key(_module(LlamaForCausalLM, checkpoint, "qwen2"))
+    llama, qwen2 = spec_for_family("llama"), spec_for_family("qwen2")
+    raw = read_config(checkpoint("llama2")).raw
+    base = _key(llama.traced_files(), raw)
+    assert _key(llama.traced_files(), read_config(checkpoint("llama2")).raw) == base  # deterministic
+    assert _key(llama.traced_files(), raw, fingerprint={"options": {"cpp_wrapper": False}}) != base  # compile config
+    assert _key(llama.traced_files(), raw, dtype=torch.bfloat16) != base
+    assert _key(llama.traced_files(), raw, buckets=Buckets((1, 2), (32,))) != base
+    assert _key(llama.traced_files(), raw, shape=(3, 4, 33, 16)) != base  # KV-cache geometry
+    assert _key(llama.traced_files(), read_config(checkpoint("llama3_gqa")).raw) != base  # model config
+    # the modeling source: another model's forward (Qwen2 adds models/qwen2.py to Llama's files), or
+    # another backend's ops (torchair adds backends/npu.py), on the very same config
+    assert _key(qwen2.traced_files(), raw) != base
+    assert _key(llama.traced_files("torchair"), raw) != base
+    # an edit to any traced file: test_key_covers_every_traced_file
+
+
+def _copy_package(tmp_path) -> str:
+    """The zoo package's sources, copied (not the embedded weights, nor bytecode)."""
+    copy = str(tmp_path / "zoo")
+    shutil.copytree(os.path.dirname(zoo.__file__), copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "embedded"))
+    return copy
+
+
+def _appended(path: str, line: str = "\n# an edit\n"):
+    """Append a line to `path`; returns a function that restores the file."""
+    with open(path, "rb") as f:
+        original = f.read()
+    with open(path, "ab") as f:
+        f.write(line.encode())
+
+    def restore():
+        with open(path, "wb") as f:
+            f.write(original)
+    return restore
+
+
+def test_key_covers_every_traced_file(tmp_path):
+    copy = _copy_package(tmp_path)
+    fingerprint, buckets, shape = {"backend": "inductor", "options": {}}, Buckets((1,), (32,)), (2, 4, 33, 16)
+    package = os.path.dirname(zoo.__file__)
+    for spec in SPECS:
+        inductor, torchair = spec.traced_files("inductor"), spec.traced_files("torchair")
+        assert set(torchair) >= set(inductor) | {"backends/npu.py"}, spec.family
+        assert "backends/npu.py" not in inductor
+        for backend in BACKENDS:
+            files = spec.traced_files(backend, root=copy)
+            assert files == spec.traced_files(backend)  # the copy lists the same files
+            for rel in files:
+                assert os.path.isfile(os.path.join(package, rel)), f"{spec.family}/{backend}: {rel} does not exist"
+            # the modeling file of the class and of every class it derives from, the shared code
+            assert {"models/llama.py", "config.py", "distributed/comm.py", "layers/attention.py",
+                    "layers/linear.py"} <= set(files), spec.family
+            assert os.path.relpath(sys.modules[spec.model_class.__module__].__file__, package).replace(os.sep, "/") \
+                in files
+            assert not set(DRIVING_FILES) & set(files)
+
+            def key_fields():
+                return cache_key_fields(files, {"model_type": spec.family}, fingerprint, torch.float32, buckets,
+                                        shape, torch.device("cpu"), root=copy)
+
+            unedited, unedited_fields = source_hash(files, root=copy), key_fields()
+            unedited_key = GraphCache(str(tmp_path / "cache"), unedited_fields).key
+            for rel in files:
+                restore = _appended(os.path.join(copy, rel))
+                try:
+                    assert source_hash(files, root=copy) != unedited, f"{spec.family}/{backend}: an edit to {rel}"
+                    fields = key_fields()
+                    assert fields["traced_source"] != unedited_fields["traced_source"]
+                    assert {k: v for k, v in fields.items() if k != "traced_source"} == \
+                        {k: v for k, v in unedited_fields.items() if k != "traced_source"}
+                    assert GraphCache(str(tmp_path / "cache"), fields).key != unedited_key, rel
+                finally:
+                    restore()
+                assert source_hash(files, root=copy) == unedited  # restored
+            for rel in DRIVING_FILES:
+                assert os.path.isfile(os.path.join(copy, rel)), rel
+                restore = _appended(os.path.join(copy, rel))
+                try:
+                    assert source_hash(files, root=copy) == unedited, f"{rel} is not traced, yet changes the key"
+                    assert key_fields() == unedited_fields
+                finally:
+                    restore()
 
 
 def _sealed_cache(tmp_path):

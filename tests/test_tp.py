@@ -4,6 +4,7 @@ Spawning ranks costs ~8 s each time (every rank imports torch + inductor), so ea
 whole battery of checks inside one spawn."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -17,10 +18,9 @@ import torch
 
 import zoo
 from zoo.graphs import Buckets
-from zoo.loader import CheckpointError
 from zoo.distributed.comm import TPContext
-from zoo.distributed.launch import run_ranks
-from zoo.errors import TPWorkerError
+from zoo.distributed.launch import UNGUARDED_MESSAGE, run_ranks
+from zoo.errors import CheckpointError, TPWorkerError
 
 from checkpoints import build_checkpoint, to_qwen1_layout
 
@@ -28,6 +28,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[5, 17, 33, 2, 250, 9, 11], [100, 7, 3]]
 STEPS = 6  # decode steps whose logits are compared
 NEW_TOKENS = 10
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _logits_and_tokens(model) -> tuple[torch.Tensor, list[list[int]]]:
@@ -170,30 +179,113 @@ def test_zoo_load_tp2_proxy_generate_stream_errors_and_a_killed_rank(tp_checkpoi
         # sampling: every rank draws the same noise, so rank 0's answer is the one all ranks took
         assert len(model.generate(PROMPTS[0], max_new_tokens=5, temperature=0.8).token_ids) == 5
         # a rank dies: the caller gets an error, not a hang, and every rank is stopped
-        os.kill(model._procs[1].pid, signal.SIGKILL)
+        os.kill(model.rank_pids[1], signal.SIGKILL)
         start = time.monotonic()
         with pytest.raises(TPWorkerError, match="rank"):
             model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
         assert time.monotonic() - start < 30
-        assert not any(p.is_alive() for p in model._procs)
+        assert not any(_running(pid) for pid in model.rank_pids)
         with pytest.raises(TPWorkerError, match="closed"):
             model.generate(PROMPTS[0])
     finally:
         model.close()
 
 
+def test_tp2_proxy_forwards_every_public_model_method(tp_checkpoints):
+    """Every public Model method and property, called through zoo.load(tp=2)'s proxy, in one spawn."""
+    path = tp_checkpoints["llama_gqa"]
+    ref = zoo.load(path, max_batch_size=2, max_seq_len=64)
+    want = [r.token_ids for r in ref.generate(PROMPTS, max_new_tokens=NEW_TOKENS)]
+    sample = dict(max_new_tokens=8, temperature=0.9, top_k=50, top_p=0.95)
+    want_seeded = [r.token_ids for r in ref.generate(PROMPTS, seed=1234, **sample)]
+    ref.seed_sampling(7)
+    want_default_seeded = ref.generate(PROMPTS[1], **sample).token_ids
+    with zoo.load(path, tp=2, max_batch_size=2, max_seq_len=64) as model:
+        assert isinstance(model, zoo.TPModel) and not model.closed
+        # read here, not on the ranks
+        assert model.path == path and model.config == ref.config and model.tokenizer is None
+        # properties (rank 0's values)
+        assert model.buckets == ref.buckets == Buckets((1, 2), (32, 64), (64,))
+        assert model.max_seq_len == 64
+        assert model.compile_seconds == 0.0 and model.graph_cache_status is None  # eager
+        assert 0 < model.num_parameters <= ref.num_parameters  # rank 0's shard
+        assert model.kv_cache.k[0].shape[1] == 1  # rank 0's kv head (2 kv heads over 2 ranks)
+
+        # generate: one prompt -> one result, a list -> a list; greedy == TP1
+        single = model.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS)
+        assert isinstance(single, zoo.GenerationResult) and single.token_ids == want[0]
+        assert [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)] == want
+        # sampled with a per-request seed: the same tokens again, and those of TP1 (same noise, logits
+        # within 1e-4)
+        seeded = [r.token_ids for r in model.generate(PROMPTS, seed=1234, **sample)]
+        assert seeded == [r.token_ids for r in model.generate(PROMPTS, seed=1234, **sample)] == want_seeded
+        assert all(len(t) == 8 for t in seeded)
+        # seed_sampling: the default generator of every rank, for requests without a seed
+        model.seed_sampling(7)
+        assert model.generate(PROMPTS[1], **sample).token_ids == want_default_seeded
+        model.seed_sampling(7)
+        assert model.generate(PROMPTS[1], **sample).token_ids == want_default_seeded
+
+        # stream to the end: events, then .results
+        stream = model.stream(PROMPTS, max_new_tokens=NEW_TOKENS)
+        streamed, finished = {0: [], 1: []}, {}
+        for event in stream:
+            assert isinstance(event, zoo.StreamEvent)
+            streamed[event.index] += event.token_ids
+            if event.finish_reason is not None:
+                finished[event.index] = event.finish_reason
+        assert [streamed[0], streamed[1]] == want and finished == {0: "length", 1: "length"}
+        assert [r.token_ids for r in stream.results] == want
+        # a stream closed early: its requests are aborted, their slots freed
+        early = model.stream(PROMPTS, max_new_tokens=NEW_TOKENS)
+        first = next(early)
+        assert first.token_ids == want[first.index][:len(first.token_ids)]
+        early.close()
+        assert list(early) == []
+        assert [r.finish_reason for r in early.results] == ["error", "error"]
+        assert all("closed" in r.error and len(r.token_ids) < NEW_TOKENS for r in early.results)
+        assert [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)] == want
+
+        # warmup, with every argument (values inside the buckets above), then with none
+        buckets = model.buckets
+        model.warmup(batch_sizes=list(buckets.batch_sizes), prompt_lens=[7, buckets.prefill_lens[-1]],
+                     context_lens=list(buckets.context_lens))
+        model.warmup(batch_sizes=[1], prompt_lens=[3])
+        model.warmup()
+        assert [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)] == want
+
+        # close: the ranks stop; every later call says the model is closed
+        model.close()
+        assert model.closed
+        assert not any(_running(pid) for pid in model.rank_pids)
+        with pytest.raises(TPWorkerError, match="closed"):
+            model.generate(PROMPTS[0])
+        with pytest.raises(TPWorkerError, match="closed"):
+            model.buckets
+        model.close()  # again (and once more by the with block): nothing to do
+    assert model.closed
+
+
+@pytest.mark.timeout(180)  # a hang fails here, not after the suite's 600 s
 def test_a_hung_rank_fails_the_call_within_the_process_group_timeout(tp_checkpoints):
     model = zoo.load(tp_checkpoints["llama_gqa"], tp=2, max_batch_size=2, max_seq_len=64, tp_timeout_s=5)
     try:
         assert len(model.generate(PROMPTS[0], max_new_tokens=3).token_ids) == 3
-        os.kill(model._procs[1].pid, signal.SIGSTOP)  # alive, but never reaches its next collective
+        os.kill(model.rank_pids[1], signal.SIGSTOP)  # alive, but never answers nor reaches a collective
         start = time.monotonic()
-        with pytest.raises(TPWorkerError, match="rank 0"):
+        # rank 0 times out in a collective, or the caller waiting for rank 1's answer gives up: either way
+        # a TPWorkerError naming a rank, within the timeout (plus some slack)
+        with pytest.raises(TPWorkerError, match="rank 1"):  # the hung rank is the one named
             model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
         assert time.monotonic() - start < 5 + 15
-        assert not any(p.is_alive() for p in model._procs)
+        assert not any(_running(pid) for pid in model.rank_pids)
     finally:
-        model.close()
+        # if the call above hung (and pytest-timeout stopped it), close() must not wait on the stopped rank too
+        for pid in model.rank_pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(TPWorkerError):
+            model.close()
 
 
 def test_cli_spawns_its_ranks(tmp_path):
@@ -206,6 +298,52 @@ def test_cli_spawns_its_ranks(tmp_path):
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [line["token_ids"] for line in lines] == [ref.token_ids]
     assert "tensor-parallel rank 0 of 2" in out.stderr
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("command, family", [
+    ("zoo.llama.infer", "llama"),
+    # each run compiles a prefill and a decode graph in both ranks: ~100 s cold on a 2-core machine,
+    # ~30 s warm; the Qwen2 one stays out of the default suite (its graphs are Llama's code)
+    pytest.param("zoo.qwen.infer", "qwen2", marks=pytest.mark.slow),
+])
+def test_cli_tp2_compiled_streams_the_tp1_tokens(command, family):
+    path = zoo.embedded_model_path(family)  # the tiny models that ship with zoo have tokenizers (a text prompt)
+    ref = zoo.load(path, max_batch_size=1, max_seq_len=64).generate("Beautiful is", max_new_tokens=4)
+    # the graph cache the compiled tests share: a second run of the suite starts warm
+    cache_dir = os.environ.get("ZOO_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "zoo"))
+    out = subprocess.run([sys.executable, "-m", command, "--tp", "2", "--compiled", "--max-new-tokens", "4",
+                          "--max-batch-size", "1", "--max-seq-len", "64", "--model-path", path, "--cache-dir",
+                          cache_dir], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "Beautiful is" + ref.text + "\n"  # streamed: the prompt, then its continuation
+    assert "tensor-parallel rank 0 of 2" in out.stderr and "compiled: inductor" in out.stderr
+    assert "4 new tokens" in out.stderr  # the summary line (stream results and compile_seconds via the proxy)
+
+
+UNGUARDED_SCRIPT = textwrap.dedent("""
+    import sys
+    import zoo
+
+    model = zoo.load(sys.argv[1], tp=2, max_batch_size=1, max_seq_len=16)  # no __main__ guard
+    print(model.generate([1, 2, 3], max_new_tokens=2).token_ids)
+""")
+
+
+def test_a_script_without_a_main_guard_fails_with_one_clear_error(tp_checkpoints, tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), tp_checkpoints["llama_gqa"]], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=180)
+    assert out.returncode != 0
+    assert UNGUARDED_MESSAGE in out.stderr, out.stderr
+    assert out.stderr.rstrip().splitlines()[-1].startswith("zoo.errors.TPWorkerError: ")
+    # one traceback (zoo.load's frames: ~20 lines with Python 3.11's caret lines), not multiprocessing's
+    # RuntimeError about the bootstrapping phase from every rank (~150 lines)
+    assert out.stderr.count("Traceback") == 1, out.stderr
+    assert "bootstrapping phase" not in out.stderr and "spawn_main" not in out.stderr
+    assert len(out.stderr.splitlines()) < 25, out.stderr
+    assert out.stdout == ""
 
 
 def test_merged_shards_refuse_another_tp_size(tp_checkpoints, tmp_path):

@@ -361,12 +361,8 @@ class TPModel:
         return self._group.pids
 
     def close(self) -> None:
-        """Abort in-flight requests on the ranks, then stop the rank processes."""
-        if not self._group.closed:
-            try:
-                self._group.root.close()
-            finally:
-                self._group.close()
+        """Stop the rank processes (what they were running goes with them)."""
+        self._group.close()
 
     def __enter__(self) -> "TPModel":
         return self

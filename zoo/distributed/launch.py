@@ -41,9 +41,10 @@ _REQUEST_ERRORS = (RequestError, ValueError, TypeError, KeyError, AttributeError
 
 
 def refuse_unguarded_start() -> None:
-    """Called before starting ranks: inside a rank that is still starting, this is the main
-    script's top level running again (no __main__ guard); stop quietly, the caller explains."""
-    if os.environ.get(SPAWNING_ENV) and multiprocessing.parent_process() is not None:
+    """Called before starting ranks. A rank process inherits SPAWNING_ENV; a rank asked to start
+    ranks is the caller's script re-running its top level in that rank (no __main__ guard), before
+    multiprocessing has even handed the rank its work: stop quietly, the caller explains."""
+    if os.environ.get(SPAWNING_ENV):
         os._exit(UNGUARDED_EXIT_CODE)
 
 
@@ -188,6 +189,7 @@ class RankGroup:
         self.world_size = world_size
         self.timeout_s = timeout_s or DEFAULT_TIMEOUT_S
         self.closed = False
+        self.unused_handles: list[int] = []  # released before the next request (see RemoteObject.__del__)
         port = free_port()
         threads = threads or default_threads(world_size)
         self._conns, self._procs = spawn_ranks(
@@ -209,9 +211,14 @@ class RankGroup:
         """Send one operation to every rank; rank 0's payload."""
         if self.closed:
             raise TPWorkerError("this tensor-parallel model is closed (a rank failed or close() was called)")
+        while self.unused_handles:  # remote objects (streams) the caller dropped: free them on the ranks
+            self._send_and_collect("release", self.unused_handles.pop(), None, (), {})
+        return self._send_and_collect(op, handle, name, args, kwargs or {})
+
+    def _send_and_collect(self, op: str, handle: int, name: str | None, args: tuple, kwargs: dict):
         for rank, conn in enumerate(self._conns):
             try:
-                conn.send((op, handle, name, args, kwargs or {}))
+                conn.send((op, handle, name, args, kwargs))
             except (BrokenPipeError, OSError):
                 self._fail(f"tensor-parallel rank {rank} is gone (exit code {self._procs[rank].exitcode})")
         return self._collect()
@@ -247,9 +254,18 @@ class RankGroup:
             conn.close()
 
     def _collect(self, starting: bool = False):
-        """Every rank's reply; rank 0's payload. Watches the ranks while waiting."""
+        """Every rank's reply; rank 0's payload. Watches the ranks while waiting: a rank that dies
+        fails the call at once, and one that has not answered timeout_s after another did is taken
+        as hung (calls that run no collective would otherwise wait for it forever)."""
         replies: dict[int, tuple] = {}
+        deadline = None
         while len(replies) < len(self._conns):
+            if replies and deadline is None:
+                deadline = time.monotonic() + self.timeout_s
+            if deadline is not None and time.monotonic() > deadline:
+                late = [r for r in range(len(self._conns)) if r not in replies]
+                self._fail(f"tensor-parallel rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} did not "
+                           f"answer within {self.timeout_s:g} s of rank {min(replies)} (hung?); all ranks were stopped")
             for rank, (conn, proc) in enumerate(zip(self._conns, self._procs)):
                 if rank in replies:
                     continue
@@ -306,14 +322,24 @@ class RemoteObject:
 
     def __init__(self, group: RankGroup, handle: int):
         self._group, self._handle = group, handle
+        self._methods: set[str] = set()  # names known to be methods: calling them is one round trip
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
             raise AttributeError(name)
+        if name in self._methods:
+            return _RemoteMethod(self._group, self._handle, name)
         kind, value = self._group.request("getattr", self._handle, name)
         if kind == "method":
+            self._methods.add(name)
             return _RemoteMethod(self._group, self._handle, name)
         return RemoteObject(self._group, value) if kind == "handle" else value
+
+    def __del__(self) -> None:
+        # no round trip here (this may run in the middle of another request): the group frees it
+        # on the ranks before its next request
+        if self._handle != 0 and not self._group.closed:
+            self._group.unused_handles.append(self._handle)
 
     def __iter__(self) -> "RemoteObject":
         return self

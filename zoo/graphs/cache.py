@@ -52,11 +52,12 @@ def source_hash(files: list[str], root: str = ZOO_DIR) -> str:
 
 
 def cache_key_fields(traced_files: list[str], model_config: dict, compile_fingerprint: dict, dtype: torch.dtype,
-                     buckets, cache_shape: tuple, device: torch.device) -> dict:
+                     buckets, cache_shape: tuple, device: torch.device, root: str = ZOO_DIR) -> dict:
+    """The graph-cache key's fields; `root` is the zoo package the traced files are read from."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     return {
         "format": FORMAT_VERSION,
-        "traced_source": source_hash(traced_files),
+        "traced_source": source_hash(traced_files, root),
         "model_config": hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest(),
         "compile_config": compile_fingerprint,
         "dtype": str(dtype),
