@@ -180,8 +180,10 @@ def test_damaged_entries_are_detected_and_rebuilt(tmp_path, damage, reason):
 PROCESS = textwrap.dedent("""
     import json, sys, time
     import zoo
+    load = zoo.load  # imports zoo.api (torch, transformers) now: zoo's names load lazily, and the clock
+                     # measures from the load call, as the README states, not the library import
     start = time.perf_counter()
-    model = zoo.load(compiled=True, max_batch_size=1, max_seq_len=64, cache_dir=sys.argv[1])
+    model = load(compiled=True, max_batch_size=1, max_seq_len=64, cache_dir=sys.argv[1])
     stream = model.stream("Beautiful is", max_new_tokens=8)
     for _ in stream:
         pass
