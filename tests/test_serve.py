@@ -451,6 +451,36 @@ def test_a_failing_prefill_fails_only_its_request(monkeypatch):
         assert health["running"] == 0 and health["waiting"] == 0
 
 
+def test_one_request_with_many_prompts_does_not_hold_every_slot():
+    """In-process, 2 slots: a request with 6 long prompts starts first; a one-prompt request sent
+    while it runs is admitted when a slot frees, and answered while the big one still runs (each
+    HTTP request is its own submission, and admission takes turns between submissions)."""
+    from fastapi.testclient import TestClient
+
+    import zoo
+    from zoo.serve import create_app
+
+    model = zoo.load(max_batch_size=2)
+    big = {"prompt": ["Beautiful is"] * 6, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    small = {"prompt": "Simple is", "max_tokens": 3, "temperature": 0}
+    with TestClient(create_app(model)) as http:
+        done = threading.Event()
+        answer = {}
+
+        def send_big():
+            answer["big"] = http.post("/v1/completions", json=big)
+            done.set()
+
+        sender = threading.Thread(target=send_big)
+        sender.start()
+        wait_for(lambda: http.get("/health").json()["running"] == 2, what="the big request to fill both slots")
+        r = http.post("/v1/completions", json=small)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert not done.is_set(), "the one-prompt request waited for all six prompts of the other"
+        sender.join(timeout=120)
+        assert answer["big"].status_code == 200 and len(answer["big"].json()["choices"]) == 6
+
+
 # ---- disconnects ---------------------------------------------------------------------------------
 LONG = {"model": MODEL, "prompt": "Beautiful is", "max_tokens": 500, "temperature": 0, "ignore_eos": True}
 
