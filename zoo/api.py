@@ -22,7 +22,8 @@ from zoo.distributed.comm import SINGLE, TPContext
 from zoo.engine import Engine, GenerationResult, Request, SamplingParams, StreamEvent, encode_prompt, stream_events
 from zoo.errors import ConfigError, RequestError
 from zoo.graphs import Buckets, GraphRunner, KVCache, build_runner
-from zoo.graphs.compile_config import CompileConfig, default_config_path, load_compile_config
+from zoo.graphs.compile_config import (CompileConfig, check_inductor_overrides, default_config_path,
+                                       load_compile_config)
 from zoo.loader import load_weights
 from zoo.log import log
 from zoo.models import ModelSpec, embedded_model_path, read_config, spec_for
@@ -122,6 +123,8 @@ def _plan(settings: LoadSettings, config: ModelConfig, spec: ModelSpec) -> _Plan
     compile_config = settings.compile_config
     if not isinstance(compile_config, CompileConfig):
         compile_config = load_compile_config(compile_config or default_config_path(spec.compile_config, device.type))
+    if settings.compiled is True and compile_config.backend == "inductor":
+        check_inductor_overrides(settings.inductor_options)  # before anything loads
     buckets = buckets or compile_config.buckets(max_batch_size, max_seq_len)
     buckets.validate(max_batch_size, max_seq_len)
     return _Plan(device, dtype, max_batch_size, max_seq_len, buckets, compile_config)

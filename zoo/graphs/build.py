@@ -20,7 +20,7 @@ import torch._dynamo
 from zoo.distributed.comm import TPContext
 from zoo.graphs.buckets import Buckets
 from zoo.graphs.cache import GraphCache, cache_key_fields
-from zoo.graphs.compile_config import CompileConfig, check_inductor_overrides
+from zoo.graphs.compile_config import CompileConfig
 from zoo.graphs.kv_cache import KVCache
 from zoo.graphs.runner import GraphRunner
 from zoo.models.registry import ModelSpec
@@ -43,7 +43,6 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
         raise ValueError(f"{compile_config.source}: backend {backend!r} does not run on device {device.type!r} "
                          "(torchair is for npu, inductor for cpu/cuda)")
     if backend == "inductor":
-        check_inductor_overrides(inductor_options)
         options = {**compile_config.inductor_options(dtype), **(inductor_options or {})}
         fingerprint = {"backend": "inductor", "options": options}
     else:
