@@ -13,6 +13,7 @@ ENTRY = {
     "generate": "from zoo.entrypoints.generate import main; run = lambda a: main('llama', a)",
     "serve": "from zoo.serve.__main__ import main as run",
     "export": "from zoo.entrypoints.export import main as run",
+    "pd": "from zoo.pd.cli import main as run",
 }
 
 
@@ -42,6 +43,9 @@ CASES = [
     ("serve", ["--max-batch-size", "0"], "error: --max-batch-size must be an int >= 1, got 0"),
     ("serve", ["--dtype", "float8"], "argument --dtype: invalid choice"),
     ("export", ["--out", "x", "--model-path", "/nonexistent/folder"], "no such folder"),
+    ("pd", ["--role", "prompt", "--listen", "127.0.0.1:0", "--max-batch-size", "0"],
+     "error: --max-batch-size must be an int >= 1, got 0"),
+    ("pd", ["--role", "decoder", "--model-path", "meta-llama/Llama-3.2-1B"], "zoo never downloads"),
 ]
 
 

@@ -16,23 +16,24 @@ import sys
 import tempfile
 import threading
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from zoo.api import load, load_from
-from zoo.entrypoints.options import add_model_options, handled_errors, report, settings_from_args
-from zoo.models import embedded_model_path
+from zoo.entrypoints.options import ArgumentParser, add_model_options, handled_errors, report, settings_from_args
 from zoo.errors import RequestError
 from zoo.log import log
-from zoo.pd.api import LLMEngine
 from zoo.pd.protocol import LLMException
 from zoo.pd.request import LLMReq, LLMRole
+
+# zoo.api, zoo.pd.api and torch are imported inside the functions that run a model: options are
+# checked before any of them loads.
+if TYPE_CHECKING:
+    from zoo.pd.api import LLMEngine
 
 DEMO_PROMPTS = ["Beautiful is", "Explicit is", "Simple is", "Flat is"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zoo.pd", description=(
+    p = ArgumentParser(prog="python -m zoo.pd", description=(
         "Separated prefill/decode: a prompt process prefills and holds each request's KV; a decoder "
         "pulls it into a batch slot of its KV cache and decodes. `python -m zoo.pd demo` runs both on "
         "loopback."))
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return demo(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        model = load_from(settings_from_args(args, verbose=True))
+        settings = settings_from_args(args, verbose=True)
+        from zoo.api import load_from
+
+        model = load_from(settings)
     except handled_errors() as e:
         return report(e)
     try:
@@ -88,6 +92,8 @@ def run_prompt(model, args) -> int:
     if not args.listen:
         raise SystemExit("--role prompt needs --listen HOST:PORT")
     cluster_id = 0 if args.cluster_id is None else args.cluster_id
+    from zoo.pd.api import LLMEngine
+
     engine = LLMEngine(LLMRole.PROMPT, cluster_id, model)
     engine.init({"listen": args.listen, "store_port": args.store_port, "kv_ttl": args.kv_ttl,
                  "sync_kv_timeout": args.sync_kv_timeout, "link_timeout": args.link_timeout})
@@ -126,6 +132,8 @@ def make_decoder(model, args) -> LLMEngine:
     peers = _parse_peers(args.peer)
     if not peers:
         raise SystemExit("--role decoder needs at least one --peer HOST:PORT")
+    from zoo.pd.api import LLMEngine
+
     engine = LLMEngine(LLMRole.DECODER, 1 if args.cluster_id is None else args.cluster_id, model)
     engine.init({"sync_kv_timeout": args.sync_kv_timeout, "link_timeout": args.link_timeout,
                  "prefill_timeout": args.prefill_timeout})
@@ -270,6 +278,12 @@ def demo(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (default 1: the two processes share this host's cores)")
     args = p.parse_args(argv)
+    import torch
+
+    from zoo.api import load
+    from zoo.models import embedded_model_path
+    from zoo.pd.api import LLMEngine
+
     torch.set_num_threads(args.threads)
     prompts = args.prompt or DEMO_PROMPTS
     model_path = args.model_path or embedded_model_path("llama")

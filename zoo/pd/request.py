@@ -4,8 +4,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from zoo.pd.protocol import LLMException, LLMStatusCode
-from zoo.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # imported where used: parsing requests (the CLI) must not import torch
+    from zoo.engine.sampling import SamplingParams
 
 
 class LLMRole(enum.Enum):
@@ -40,6 +44,8 @@ class LLMReq:
                                f"req_id must be an int in [0, 2**64), got {self.req_id!r}")
 
     def sampling_params(self) -> SamplingParams:
+        from zoo.engine.sampling import SamplingParams
+
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature),
                               top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=stop,
@@ -54,6 +60,8 @@ def sampling_to_wire(p: SamplingParams) -> dict:
 
 def sampling_from_wire(d: dict) -> SamplingParams:
     """A sampling dict already type-checked by protocol.check_sampling -> SamplingParams."""
+    from zoo.engine.sampling import SamplingParams
+
     return SamplingParams(max_new_tokens=d["max_new_tokens"], temperature=float(d["temperature"]),
                           top_k=d["top_k"], top_p=None if d["top_p"] is None else float(d["top_p"]),
                           seed=d["seed"], stop=tuple(d["stop"]), stop_token_ids=tuple(d["stop_token_ids"]),
