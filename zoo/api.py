@@ -38,7 +38,8 @@ def load(model_path: str | None = None, **options) -> "Model | TPModel":
 
     model_path None -> the embedded tiny Llama. The options are the fields of
     zoo.settings.LoadSettings (device, dtype, compiled, max_batch_size, max_seq_len, buckets,
-    compile_config, inductor_options, cache_dir, threads, tp, use_mc2, tp_timeout_s, verbose).
+    compile_config, inductor_options, cache_dir, threads, tp, use_mc2, tp_timeout_s, check_weights,
+    verbose); an unknown one is a TypeError naming it.
 
     compiled=True compiles prefill and decode per shape bucket as the compile config says
     (default: zoo/graphs/configs/<model>.<device>.toml), each bucket on first use or all at once
