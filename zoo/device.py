@@ -34,7 +34,6 @@ def resolve_device(name: str | torch.device) -> torch.device:
 # dtype names users and files write (zoo.config.DTYPE_NAMES, aliases included) -> torch dtypes
 DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
           **{alias: getattr(torch, name) for alias, name in DTYPE_ALIASES.items()}}
-DTYPE_CHOICES = DTYPE_NAMES  # the canonical names (CLI choices, compile-config sections)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -125,7 +125,10 @@ class Engine:
             first_req = self._next_waiting([])
             if first_req.prefilled is not None:
                 self.waiting.remove(first_req)
-                self._merge(first_req)
+                try:
+                    self._merge(first_req)
+                except Exception as e:  # noqa: BLE001 - reported through the request it concerns
+                    self._fail_requests([first_req], e, "KV import")
                 continue
             group = [first_req]
             self.waiting.remove(first_req)
@@ -163,15 +166,15 @@ class Engine:
                 best = req
         return best
 
-    def _merge(self, req: Request) -> None:
-        """Start a request prefilled elsewhere in the lowest free slot."""
-        slot = self.cache.alloc()
+    def _merge(self, req: Request, slot: int | None = None) -> None:
+        """Write a request prefilled elsewhere into `slot` (default: the lowest free one) and start
+        it; on failure the slot is free again and the error propagates."""
+        slot = self.cache.alloc(slot)
         try:
             self.cache.import_slot(slot, req.prefilled.k, req.prefilled.v)
-        except Exception as e:  # noqa: BLE001
+        except Exception:
             self.cache.free(slot)
-            self._fail_requests([req], e, "KV import")
-            return
+            raise
         self._start([req], [slot], [req.prefilled.first_token])
 
     def _prefill(self, group: list[Request], slots: list[int]) -> list[int]:
@@ -234,14 +237,8 @@ class Engine:
                 torch.empty(self.vocab_size, device=self.runner.device).exponential_(generator=request.generator)
             if slot is None:
                 self.submit([request])
-                return
-            self.cache.alloc(slot)
-            try:
-                self.cache.import_slot(slot, prefilled.k, prefilled.v)
-            except Exception:
-                self.cache.free(slot)
-                raise
-            self._start([request], [slot], [prefilled.first_token])
+            else:
+                self._merge(request, slot)
 
     def _decode_step(self) -> None:
         B = self.runner.buckets.batch_for(max(self.running) + 1)

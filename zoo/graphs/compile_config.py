@@ -35,7 +35,8 @@ import torch
 
 from zoo.errors import CompileConfigError
 from zoo.backends.npu import validate_options as validate_torchair_options
-from zoo.device import DTYPE_CHOICES, parse_dtype
+from zoo.config import DTYPE_NAMES
+from zoo.device import parse_dtype
 from zoo.graphs.buckets import Buckets
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -61,7 +62,7 @@ class CompileConfig:
         """What torch.compile(options=...) gets: the mode's options, then ours, then the dtype's."""
         options = {} if self.mode == "default" else dict(torch._inductor.list_mode_options(self.mode))
         options.update(self.inductor)
-        for name in DTYPE_CHOICES:
+        for name in DTYPE_NAMES:
             if parse_dtype(name) == dtype:
                 options.update(self.inductor_by_dtype.get(name, {}))
         return options
@@ -148,7 +149,7 @@ def _parse_inductor(table, fail) -> tuple[dict, dict]:
     known = set(torch._inductor.list_options())
     common, by_dtype = {}, {}
     for key, value in table.items():
-        if key in DTYPE_CHOICES:
+        if key in DTYPE_NAMES:
             if not isinstance(value, dict):
                 fail(f"inductor.{key}", "must be a table of inductor options")
             for sub, sub_value in value.items():
