@@ -17,8 +17,8 @@ from collections import deque
 
 import torch
 
-from zoo.engine.request import PrefilledKV, Request, StreamEvent
-from zoo.engine.sampling import SamplingParams, sample
+from zoo.engine.request import PrefilledKV, Request, StreamEvent, check_request
+from zoo.engine.sampling import LogitsState, SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
 from zoo.errors import RequestError
 from zoo.graphs.kv_cache import KVCache
 from zoo.graphs.runner import GraphRunner
@@ -49,6 +49,7 @@ class Engine:
         self.temperature = torch.zeros(n, device=dev)
         self.top_k = torch.full((n,), vocab_size, dtype=torch.long, device=dev)
         self.top_p = torch.ones(n, device=dev)
+        self.logits_state = LogitsState.empty(n, vocab_size, dev)  # penalties, bias, min_p per slot
 
     def seed_default_generator(self, seed: int) -> None:
         """Seed the noise of sampled requests that bring no seed of their own (tensor-parallel ranks
@@ -59,21 +60,7 @@ class Engine:
     def make_request(self, index: int, prompt_ids: list[int], params: SamplingParams,
                      prompt: str | None = None) -> Request:
         """Validate one request; raises RequestError and queues nothing if it cannot run."""
-        if not prompt_ids:
-            raise RequestError(f"prompt {index} is empty: at least one token is needed")
-        if len(prompt_ids) >= self.max_seq_len:
-            raise RequestError(
-                f"prompt {index} has {len(prompt_ids)} tokens, but max_seq_len is {self.max_seq_len} "
-                "(the prompt and at least one new token must fit)")
-        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise RequestError(f"prompt {index} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-        try:
-            params.validate()
-        except ValueError as e:
-            raise RequestError(str(e)) from None
-        if params.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer, and this model folder has none")
+        check_request(index, prompt_ids, params, self.max_seq_len, self.vocab_size, self.tokenizer is not None)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device)
@@ -140,13 +127,13 @@ class Engine:
                 group.append(req)
             slots = [self.cache.alloc() for _ in group]
             try:
-                first = self._prefill(group, slots)
+                first, first_logprobs = self._prefill(group, slots)
             except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
                 for slot in slots:
                     self.cache.free(slot)
                 self._fail_requests(group, e, "prefill")
             else:
-                self._start(group, slots, first)
+                self._start(group, slots, first, first_logprobs)
             prefilled = True
         return prefilled
 
@@ -175,31 +162,108 @@ class Engine:
         except Exception:
             self.cache.free(slot)
             raise
-        self._start([req], [slot], [req.prefilled.first_token])
+        req.prompt_logprobs = req.prefilled.prompt_logprobs
+        self._start([req], [slot], [req.prefilled.first_token], [req.prefilled.first_logprob])
 
-    def _prefill(self, group: list[Request], slots: list[int]) -> list[int]:
-        """Prefill `group` into `slots` and sample each request's first token."""
+    def _prefill(self, group: list[Request], slots: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Prefill `group` into `slots` and sample each request's first token (and its logprob).
+        Requests with the same prompt (the n samples of one prompt) share one prefill: the first
+        one's KV is copied to the others' slots, and each draws its own first token."""
         self._set_sampling(group, slots)
-        logits = self.runner.prefill([r.prompt_ids for r in group], slots)  # [n, V]
-        return self._sample(logits, torch.tensor(slots, device=logits.device), group).tolist()
+        first_of: dict[tuple[int, ...], int] = {}  # prompt -> row of its first request in the group
+        rows = [first_of.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(group)]
+        unique = sorted(set(rows))
+        logits = self.runner.prefill([group[i].prompt_ids for i in unique], [slots[i] for i in unique])  # [u, V]
+        for i, row in enumerate(rows):
+            if row != i:
+                self.cache.copy_slot(slots[row], slots[i], len(group[i].prompt_ids))
+        self._prompt_logprobs(group)
+        logits = logits[torch.tensor([unique.index(row) for row in rows], device=logits.device)]  # [n, V]
+        tokens, logprobs = self._sample(logits, torch.tensor(slots, device=logits.device), group)
+        host_tokens = tokens.tolist()
+        return host_tokens, self._logprobs_to_host(logprobs, host_tokens, group)
+
+    def _prompt_logprobs(self, group: list[Request]) -> None:
+        """Logprobs of the prompt tokens, for the requests that asked (SamplingParams.prompt_logprobs);
+        requests with the same prompt share one scoring pass."""
+        scored: dict[tuple[int, ...], list[TokenLogprob | None]] = {}
+        for req in group:
+            k = req.params.prompt_logprobs
+            if k is None:
+                continue
+            key = tuple(req.prompt_ids)
+            if key not in scored:
+                most = max(r.params.prompt_logprobs for r in group
+                           if r.params.prompt_logprobs is not None and r.prompt_ids == req.prompt_ids)
+                scored[key] = self._score_prompt(req.prompt_ids, most)
+            req.prompt_logprobs = [None] + [TokenLogprob(e.token_id, e.logprob, e.top[:k]) for e in scored[key][1:]]
+
+    def _score_prompt(self, prompt: list[int], k: int, chunk: int = 256) -> list[TokenLogprob | None]:
+        """[None, then each prompt token's logprob given the tokens before it, with k alternatives].
+        The logits are made `chunk` positions at a time, so [S, V] never exists at once."""
+        hidden = self.runner.prompt_hidden(prompt)[:-1]  # [S - 1, D]: position i predicts token i + 1
+        targets = torch.tensor(prompt[1:], device=hidden.device)  # [S - 1]
+        out: list[TokenLogprob | None] = [None]
+        for lo in range(0, len(targets), chunk):
+            logits = self.runner.compute_logits(hidden[lo:lo + chunk])  # [c, V]
+            chosen, top_v, top_i = (t.tolist() for t in token_logprobs(logits, targets[lo:lo + chunk], k))
+            for j, token in enumerate(prompt[1 + lo:1 + lo + chunk]):
+                out.append(TokenLogprob(token, chosen[j], list(zip(top_i[j], top_v[j]))))
+        return out
 
     def _set_sampling(self, group: list[Request], slots: list[int]) -> None:
+        """Write the group's sampling parameters into their slots' rows; output counts start at zero."""
         idx = torch.tensor(slots, device=self.runner.device)
-        self.temperature[idx] = torch.tensor([r.params.temperature for r in group], device=idx.device)
-        self.top_k[idx] = torch.tensor([r.params.top_k_for(self.vocab_size) for r in group], device=idx.device)
-        self.top_p[idx] = torch.tensor([r.params.top_p or 1.0 for r in group], device=idx.device)
+        dev = idx.device
 
-    def _start(self, group: list[Request], slots: list[int], first_tokens: list[int]) -> None:
+        def column(values) -> torch.Tensor:
+            return torch.tensor([float(v) for v in values], device=dev)
+
+        params = [r.params for r in group]
+        self.temperature[idx] = column(p.temperature for p in params)
+        self.top_k[idx] = torch.tensor([p.top_k_for(self.vocab_size) for p in params], device=dev)
+        self.top_p[idx] = column(p.top_p or 1.0 for p in params)
+        state = self.logits_state
+        state.output_counts[idx] = 0
+        state.presence[idx] = column(p.presence_penalty for p in params)
+        state.frequency[idx] = column(p.frequency_penalty for p in params)
+        state.repetition[idx] = column(p.repetition_penalty for p in params)
+        state.min_p[idx] = column(p.min_p for p in params)
+        state.prompt_seen[idx] = False
+        for req, slot in zip(group, slots):
+            if req.params.repetition_penalty != 1:
+                state.prompt_seen[slot, torch.tensor(req.prompt_ids, device=dev)] = True
+            self._set_bias(req, slot, suppress_stops=req.params.min_tokens > 0)
+
+    def _set_bias(self, req: Request, slot: int, suppress_stops: bool) -> None:
+        """The slot's bias row: the request's logit_bias, and -inf on its stop tokens (EOS unless
+        ignored, stop_token_ids) while it has fewer than min_tokens new tokens."""
+        row = self.logits_state.bias[slot]
+        row.zero_()
+        bias = req.params.logit_bias
+        if bias:
+            row[torch.tensor(list(bias), device=row.device)] = torch.tensor([float(b) for b in bias.values()],
+                                                                            device=row.device)
+        if suppress_stops:
+            stops = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else self.eos_token_ids)
+            stops = [t for t in stops if t < self.vocab_size]
+            if stops:
+                row[torch.tensor(stops, device=row.device)] = float("-inf")
+
+    def _start(self, group: list[Request], slots: list[int], first_tokens: list[int],
+               first_logprobs: list[TokenLogprob | None]) -> None:
         """Make the requests decode from their slots, starting after their first token."""
         self._set_sampling(group, slots)
         idx = torch.tensor(slots, device=self.runner.device)
-        self.tokens[idx, 0] = torch.tensor(first_tokens, device=idx.device)
+        first = torch.tensor(first_tokens, device=idx.device)
+        self.tokens[idx, 0] = first
+        self.logits_state.output_counts[idx, first] += 1
         self.positions[idx] = torch.tensor([len(r.prompt_ids) for r in group], device=idx.device)
         self.active[idx] = 1
-        for req, slot, token in zip(group, slots, first_tokens):
+        for req, slot, token, logprob in zip(group, slots, first_tokens, first_logprobs):
             req.slot = slot
             self.running[slot] = req
-            self._append_token(req, token)
+            self._append_token(req, token, logprob)
 
     # ---- separated prefill / decode (the hand-over primitives zoo.pd builds on) ------------
     def prefill_only(self, requests: list[Request]) -> list[PrefilledKV]:
@@ -210,11 +274,11 @@ class Engine:
                 raise RuntimeError(f"{len(requests)} requests but only {self.cache.num_free()} free KV slots")
             slots = [self.cache.alloc() for _ in requests]
             try:
-                first = self._prefill(requests, slots)
+                first, first_logprobs = self._prefill(requests, slots)
                 out = []
-                for req, slot, token in zip(requests, slots, first):
+                for req, slot, token, logprob in zip(requests, slots, first, first_logprobs):
                     k, v = self.cache.export_slot(slot, len(req.prompt_ids))
-                    out.append(PrefilledKV(token, k, v))
+                    out.append(PrefilledKV(token, k, v, logprob, req.prompt_logprobs))
                 return out
             finally:
                 for slot in slots:
@@ -245,40 +309,74 @@ class Engine:
         # the longest running sequence, counting the token fed now (host bookkeeping: no sync)
         context = max(len(r.prompt_ids) + len(r.output_ids) for r in self.running.values())
         logits = self.runner.decode(self.tokens[:B], self.positions[:B], context)  # [B, V]
-        rows = list(range(B))
-        next_tokens = self._sample(logits, torch.arange(B, device=logits.device),
-                                   [self.running.get(i) for i in rows])
+        rows = torch.arange(B, device=logits.device)
+        reqs = [self.running.get(i) for i in range(B)]
+        next_tokens, logprobs = self._sample(logits, rows, reqs)
         self.tokens[:B, 0] = next_tokens
         self.positions[:B] += self.active[:B]
-        host_tokens = next_tokens.tolist()  # the one host sync per step
+        # idle rows add 0: the counts of free slots stay as they are (reset when a request starts)
+        self.logits_state.output_counts.index_put_((rows, next_tokens), self.active[:B].to(torch.int32),
+                                                   accumulate=True)
+        host_tokens = next_tokens.tolist()  # the one host sync per step (logprobs, when asked, follow it)
+        host_logprobs = self._logprobs_to_host(logprobs, host_tokens, reqs)
         for slot, req in list(self.running.items()):
-            self._append_token(req, host_tokens[slot])
+            self._append_token(req, host_tokens[slot], host_logprobs[slot])
 
-    def _sample(self, logits: torch.Tensor, slot_idx: torch.Tensor, reqs: list) -> torch.Tensor:
-        """Sample one token per row; rows whose request is None (idle slots) get greedy garbage."""
-        if all(r is None or r.params.greedy for r in reqs):
-            return logits.argmax(dim=-1)
-        noise = torch.ones_like(logits)
+    def _sample(self, logits: torch.Tensor, slot_idx: torch.Tensor, reqs: list) -> tuple[torch.Tensor, tuple | None]:
+        """One token per row (rows whose request is None are idle slots: greedy garbage), and the
+        device tensors of token_logprobs when a row asked for logprobs (else None)."""
+        live = [r for r in reqs if r is not None]
+        raw = logits
+        if any(r.params.processes_logits for r in live):
+            logits = apply_penalties(logits, self.logits_state, slot_idx)
+        if all(r.params.greedy for r in live):
+            tokens = logits.argmax(dim=-1)
+        else:
+            noise = torch.ones_like(logits)
+            for row, r in enumerate(reqs):
+                if r is not None and not r.params.greedy:
+                    noise[row].exponential_(generator=r.generator or self._default_generator)
+            min_p = self.logits_state.min_p[slot_idx] if any(r.params.min_p for r in live) else None
+            tokens = sample(logits, self.temperature[slot_idx], self.top_k[slot_idx], self.top_p[slot_idx], noise,
+                            min_p)
+        k = max((r.params.logprobs for r in live if r.params.logprobs is not None), default=None)
+        return tokens, None if k is None else token_logprobs(raw, tokens, k)
+
+    @staticmethod
+    def _logprobs_to_host(logprobs: tuple | None, tokens: list[int], reqs: list) -> list[TokenLogprob | None]:
+        """token_logprobs' tensors -> one TokenLogprob per row whose request asked (None elsewhere)."""
+        if logprobs is None:
+            return [None] * len(reqs)
+        chosen, top_v, top_i = (t.tolist() for t in logprobs)
+        out = []
         for row, r in enumerate(reqs):
-            if r is not None and not r.params.greedy:
-                noise[row].exponential_(generator=r.generator or self._default_generator)
-        return sample(logits, self.temperature[slot_idx], self.top_k[slot_idx], self.top_p[slot_idx], noise)
+            if r is None or r.params.logprobs is None:
+                out.append(None)
+                continue
+            k = r.params.logprobs
+            out.append(TokenLogprob(tokens[row], chosen[row], list(zip(top_i[row][:k], top_v[row][:k]))))
+        return out
 
     # ---- per-request bookkeeping -----------------------------------------------------------
-    def _append_token(self, req: Request, token: int) -> None:
+    def _append_token(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> None:
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
         req.output_ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         p = req.params
         finish = None
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        may_stop = len(req.output_ids) >= p.min_tokens
+        if len(req.output_ids) == p.min_tokens and req.slot is not None and p.min_tokens:
+            self._set_bias(req, req.slot, suppress_stops=False)  # stop tokens are allowed from the next one
+        if may_stop and ((token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids):
             finish = "stop"
         elif len(req.output_ids) >= p.max_new_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.max_seq_len:
             finish = "length"
         if req.detokenizer is not None:
             req.text = req.detokenizer.text(req.output_ids)
-            hit = _find_stop(req.text, p.stop, search_from=req.emitted_chars)
+            hit = _find_stop(req.text, p.stop, search_from=req.emitted_chars) if may_stop else None
             if hit is not None:
                 req.text, finish = req.text[:hit], "stop"
         self._emit(req, final=finish is not None)
@@ -296,7 +394,8 @@ class Engine:
         new_text = req.text[req.emitted_chars:end]
         new_ids = req.output_ids[req.emitted_tokens:]
         if new_text or new_ids or final:
-            req.events.append(StreamEvent(req.index, new_text, new_ids))
+            logprobs = req.logprobs[req.emitted_tokens:] if req.params.logprobs is not None else None
+            req.events.append(StreamEvent(req.index, new_text, new_ids, logprobs=logprobs))
         req.emitted_chars, req.emitted_tokens = end, len(req.output_ids)
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:

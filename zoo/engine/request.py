@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from zoo.engine.sampling import SamplingParams
+from zoo.engine.sampling import SamplingParams, TokenLogprob
 from zoo.errors import RequestError
 from zoo.tokenizers.base import IncrementalDetokenizer, Tokenizer
 
@@ -19,6 +19,7 @@ class StreamEvent:
     text: str  # new text since the previous event of this request
     token_ids: list[int]  # new token ids since the previous event
     finish_reason: str | None = None  # set on the last event: "stop" | "length" | "error"
+    logprobs: list[TokenLogprob] | None = None  # one per new token id, when the request asked for logprobs
 
 
 @dataclass
@@ -32,6 +33,13 @@ class GenerationResult:
     ttft_ms: float  # submit -> first new token
     tpot_ms: float | None  # mean time per output token after the first
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for (SamplingParams.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (None for the first)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """Sum of the new tokens' logprobs (how likely the model found this answer)."""
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
 
     @property
     def prompt_tokens(self) -> int:
@@ -45,6 +53,8 @@ class PrefilledKV:
     first_token: int
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when it asked for prompt logprobs
 
     @property
     def nbytes(self) -> int:
@@ -72,6 +82,8 @@ class Request:
     events: deque = field(default_factory=deque)
     prefilled: PrefilledKV | None = None  # set for requests prefilled by another engine
     submission: int = 0  # which submit() call queued it: admission is fair between submissions
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when params.prompt_logprobs is set
 
     @property
     def finished(self) -> bool:
@@ -81,8 +93,9 @@ class Request:
         ttft = (self.t_first - self.t_submit) * 1e3 if self.t_first else float("nan")
         n = len(self.output_ids)
         tpot = (self.t_done - self.t_first) * 1e3 / (n - 1) if self.t_first and self.t_done and n > 1 else None
+        logprobs = list(self.logprobs) if self.params.logprobs is not None else None
         return GenerationResult(self.index, self.prompt, self.prompt_ids, list(self.output_ids), self.text,
-                                self.finish_reason, ttft, tpot, self.error)
+                                self.finish_reason, ttft, tpot, self.error, logprobs, self.prompt_logprobs)
 
 
 def stream_events(requests: list["Request"], advance: Callable[[], None],
@@ -100,6 +113,26 @@ def stream_events(requests: list["Request"], advance: Callable[[], None],
             advance()
     finally:
         abort(requests, "the stream was closed before the request finished")
+
+
+def check_request(index: int, prompt_ids: list[int], params: SamplingParams, max_seq_len: int, vocab_size: int,
+                  has_tokenizer: bool) -> None:
+    """RequestError naming the problem if this request cannot run on a model of these sizes."""
+    if not prompt_ids:
+        raise RequestError(f"prompt {index} is empty: at least one token is needed")
+    if len(prompt_ids) >= max_seq_len:
+        raise RequestError(
+            f"prompt {index} has {len(prompt_ids)} tokens, but max_seq_len is {max_seq_len} "
+            "(the prompt and at least one new token must fit)")
+    bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise RequestError(f"prompt {index} has token ids outside [0, {vocab_size}): {bad[:5]}")
+    try:
+        params.validate(vocab_size)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if params.stop and not has_tokenizer:
+        raise RequestError("stop strings need a tokenizer, and this model folder has none")
 
 
 def encode_prompt(tokenizer: Tokenizer | None, prompt, what: str, model_path: str) -> list[int]:

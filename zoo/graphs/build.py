@@ -34,9 +34,9 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
 
         graphs = ExportedGraphs.load(compiled, module, cache)  # checks dtype, config and cache geometry
         return GraphRunner(graphs.prefill, graphs.decode, cache, buckets, compiled=False,
-                           description=f"AOTInductor graphs from {compiled}")
+                           description=f"AOTInductor graphs from {compiled}", module=module)
     if not compiled:
-        return GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False)
+        return GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False, module=module)
 
     backend = compile_config.backend
     if (backend == "torchair") != (device.type == "npu"):
@@ -74,7 +74,7 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
         # one graph per bucket
         prefill, decode = (torch.compile(fn, fullgraph=True, dynamic=False, options=options)
                            for fn in (module.prefill, module.decode))
-    return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache)
+    return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache, module=module)
 
 
 def _allow_one_graph_per_bucket(buckets: Buckets) -> None:

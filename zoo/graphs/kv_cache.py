@@ -85,6 +85,12 @@ class KVCache:
         """A request's first `length` positions, per layer: k, v of shape [KV, length, hd]."""
         return ([k[slot, :, :length].clone() for k in self.k], [v[slot, :, :length].clone() for v in self.v])
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (n samples of one prompt
+        share its prefill)."""
+        for t in self.k + self.v:
+            t[dst, :, :length] = t[src, :, :length]
+
     def import_slot(self, slot: int, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
         """Write a request's exported k/v (per layer [KV, length, hd]) into `slot` at positions [0, length)."""
         if len(ks) != len(self.k) or len(vs) != len(self.v):

@@ -22,8 +22,9 @@ class GraphRunner:
     the eager module methods, torch.compile'd ones or exported graphs (zoo.graphs.build)."""
 
     def __init__(self, prefill_fn, decode_fn, cache: KVCache, buckets: Buckets, compiled: bool,
-                 description: str = "eager", graph_cache=None):
+                 description: str = "eager", graph_cache=None, module: torch.nn.Module | None = None):
         self._prefill, self._decode = prefill_fn, decode_fn
+        self.module = module  # the eager model: prompt logprobs run on it (see prompt_hidden)
         self.cache, self.buckets, self.compiled = cache, buckets, compiled
         self.description = description  # backend and options, shown when a graph compiles
         self.graph_cache = graph_cache  # zoo.graphs.cache.GraphCache or None
@@ -70,6 +71,24 @@ class GraphRunner:
         logits = self._timed_first_call(("prefill", B, S), self._prefill, input_ids.to(dev), lengths.to(dev),
                                         slot_ids.to(dev), self.cache.k, self.cache.v)
         return logits[:n]
+
+    @torch.no_grad()
+    def prompt_hidden(self, prompt: list[int]) -> torch.Tensor:
+        """Hidden states of every prompt position [S, D], eagerly on the model (no bucket, no graph);
+        its keys/values go to the scratch slot, which no request reads. For prompt logprobs, a
+        rarely asked-for extra pass: the request's own prefill still runs in its graph."""
+        if self.module is None:
+            raise RuntimeError("prompt logprobs need the eager model, and this runner was built without it")
+        dev = self.device
+        input_ids = torch.tensor([prompt], dtype=torch.long, device=dev)
+        lengths = torch.tensor([len(prompt)], dtype=torch.long, device=dev)
+        slot_ids = torch.tensor([self.cache.scratch_slot], dtype=torch.long, device=dev)
+        return self.module.prefill_hidden(input_ids, lengths, slot_ids, self.cache.k, self.cache.v)[0]
+
+    @torch.no_grad()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., D] from prompt_hidden -> float32 logits [..., V] (eager)."""
+        return self.module.compute_logits(hidden)
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, context: int | None = None) -> torch.Tensor:

@@ -103,12 +103,21 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- graph entry points ----------------------------------------------------------------
-    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, V] float32
-        return self.lm_head(self.model.norm(h_last)).float()
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V] float32
+        return self.lm_head(self.model.norm(h)).float()
 
     def prefill(self, input_ids, lengths, slot_ids, k_caches, v_caches):
         """Whole prompts from position 0. input_ids [B, S] right-padded; lengths [B] real lengths
-        (>= 1); slot_ids [B] cache slot each row's keys/values are written to."""
+        (>= 1); slot_ids [B] cache slot each row's keys/values are written to -> logits of each
+        row's last real token [B, V]."""
+        h = self.prefill_hidden(input_ids, lengths, slot_ids, k_caches, v_caches)  # [B, S, D]
+        B = h.shape[0]
+        h_last = h[torch.arange(B, device=h.device), lengths - 1]  # [B, D] last real token per row
+        return self.compute_logits(h_last)
+
+    def prefill_hidden(self, input_ids, lengths, slot_ids, k_caches, v_caches):
+        """prefill's decoder stack: hidden states at every position [B, S, D] (before the final
+        norm). Called alone (eagerly) for prompt logprobs."""
         input_ids = input_ids.clone()  # a fresh tensor keeps the FX graph input stable
         B, S = input_ids.shape
         device = input_ids.device
@@ -123,9 +132,7 @@ class LlamaForCausalLM(nn.Module):
             kv_write_index=(slot_ids[:, None, None], heads[None, :, None], positions[:, None, :]),
             mask=mask[:, None], attend_to_cache=False,
         )
-        h = self.model(input_ids, meta, k_caches, v_caches)  # [B, S, D]
-        h_last = h[torch.arange(B, device=device), lengths - 1]  # [B, D] last real token per row
-        return self._logits(h_last)
+        return self.model(input_ids, meta, k_caches, v_caches)  # [B, S, D]
 
     def decode(self, input_ids, positions, k_caches, v_caches, context_len: int | None = None):
         """One new token per slot. input_ids [B, 1]; positions [B] where each token goes (rows of
@@ -146,4 +153,4 @@ class LlamaForCausalLM(nn.Module):
             mask=mask[:, None, None, :], attend_to_cache=True,
         )
         h = self.model(input_ids, meta, k_caches, v_caches)  # [B, 1, D]
-        return self._logits(h[:, 0])
+        return self.compute_logits(h[:, 0])
