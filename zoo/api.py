@@ -20,6 +20,7 @@ from zoo.config import ModelConfig
 from zoo.device import default_cache_dir, default_dtype, parse_dtype, resolve_device
 from zoo.distributed.comm import SINGLE, TPContext
 from zoo.engine import Engine, GenerationResult, Request, SamplingParams, StreamEvent, encode_prompt, stream_events
+from zoo.engine.choices import check_choices, keep_best, sample_params
 from zoo.errors import ConfigError, RequestError
 from zoo.graphs import Buckets, GraphRunner, KVCache, build_runner
 from zoo.graphs.compile_config import (CompileConfig, check_inductor_overrides, default_config_path,
@@ -250,47 +251,53 @@ class Model:
             self.engine.runner.warmup(batch_sizes, prompt_lens, context_lens=context_lens)
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-                 ignore_eos: bool = False) -> list[GenerationResult] | GenerationResult:
+    def generate(self, prompts: Prompt | Sequence[Prompt], n: int = 1, best_of: int | None = None,
+                 **sampling) -> list[GenerationResult] | GenerationResult:
         """Generate for one prompt (a string or a list of token ids) or a list of them.
 
-        Returns one GenerationResult per prompt (a single one for a single prompt). More prompts
-        than max_batch_size are queued and run as slots free up (continuous batching)."""
-        single = _is_single_prompt(prompts)
-        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                  stop_token_ids, ignore_eos)
+        `sampling` are SamplingParams fields (zoo.engine.SamplingParams): max_new_tokens (64),
+        temperature (0 = greedy), top_k, top_p, min_p, seed, stop, stop_token_ids, ignore_eos,
+        min_tokens, presence_penalty, frequency_penalty, repetition_penalty, logit_bias,
+        logprobs (top alternatives per token, 0-20), prompt_logprobs.
+
+        Returns one GenerationResult per prompt (a single one for a single prompt with n=1); with
+        n > 1, n per prompt, prompt after prompt (`index` = prompt * n + choice). best_of draws
+        that many samples per prompt and keeps the n most likely. More prompts than max_batch_size
+        are queued and run as slots free up (continuous batching)."""
+        single = _is_single_prompt(prompts) and n == 1
+        draws = check_choices(n, best_of)
+        params = _sampling_params(sampling)
+        requests = self._requests(prompts, sample_params(params, draws, keep=n))
         for _ in self._run(requests):
             pass
         results = [r.result() for r in requests]
         failed = [r for r in results if r.finish_reason == "error"]
         if failed:
             raise RuntimeError(f"generation failed: {failed[0].error}")
+        results = keep_best(results, n, draws, logprobs_asked=params.logprobs is not None)
         return results[0] if single else results
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-               ignore_eos: bool = False) -> "Stream":
-        """Like generate(), but yields StreamEvent(index, text, token_ids, finish_reason) pieces as
-        they are produced. Closing the iterator early aborts its unfinished requests; once it is
-        exhausted, `.results` holds the GenerationResults."""
-        requests = self._requests(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                  stop_token_ids, ignore_eos)
+    def stream(self, prompts: Prompt | Sequence[Prompt], n: int = 1, **sampling) -> "Stream":
+        """Like generate(), but yields StreamEvent(index, text, token_ids, finish_reason, logprobs)
+        pieces as they are produced. Closing the iterator early aborts its unfinished requests; once
+        it is exhausted, `.results` holds the GenerationResults."""
+        check_choices(n, None, stream=True)
+        requests = self._requests(prompts, sample_params(_sampling_params(sampling), n, keep=n))
         return Stream(self._run(requests), requests)
 
-    def _requests(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids,
-                  ignore_eos) -> list[Request]:
+    def _requests(self, prompts, per_prompt: list[SamplingParams]) -> list[Request]:
+        """One request per prompt and sample (per_prompt: each sample's parameters); index =
+        prompt * samples + sample. Every prompt is validated before any is queued."""
         prompt_list = [prompts] if _is_single_prompt(prompts) else list(prompts)
         if not prompt_list:
             raise RequestError("no prompts given")
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k,
-                                top_p=top_p, seed=seed, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-                                stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos)
-        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
-        return [self.engine.make_request(i, self._encode(p, i), params, p if isinstance(p, str) else None)
-                for i, p in enumerate(prompt_list)]
+        draws = len(per_prompt)
+        requests = []
+        for i, p in enumerate(prompt_list):
+            ids = self._encode(p, i)
+            for j, params in enumerate(per_prompt):
+                requests.append(self.engine.make_request(i * draws + j, ids, params, p if isinstance(p, str) else None))
+        return requests
 
     def _encode(self, prompt: Prompt, index: int) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, f"prompt {index}", self.path)
@@ -318,6 +325,23 @@ class Stream:
     @property
     def results(self) -> list[GenerationResult]:
         return [r.result() for r in self.requests]
+
+
+def _sampling_params(options: dict) -> SamplingParams:
+    """generate()'s keyword arguments -> SamplingParams; TypeError naming an unknown one."""
+    known = set(SamplingParams.__dataclass_fields__)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown sampling option(s) {unknown}; the options are {sorted(known)}")
+    options = dict(options)
+    if isinstance(options.get("stop"), str):
+        options["stop"] = (options["stop"],)
+    for name in ("stop", "stop_token_ids"):
+        if name in options:
+            options[name] = tuple(options[name] or ())
+    if options.get("logit_bias") is None:
+        options.pop("logit_bias", None)
+    return SamplingParams(**options)
 
 
 def _is_single_prompt(prompts) -> bool:

@@ -147,13 +147,10 @@ def apply_penalties(logits: torch.Tensor, state: LogitsState, rows: torch.Tensor
     return logits - state.frequency[rows][:, None] * counts - state.presence[rows][:, None] * seen
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           noise: torch.Tensor | None, min_p: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] float32; temperature / top_k (V = off) / top_p (1.0 = off) / min_p (0 = off)
-    [B]; noise [B, V] Exp(1) samples, or None when every row is greedy -> token ids [B]."""
-    greedy = logits.argmax(dim=-1)
-    if noise is None:
-        return greedy
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] float32 -> temperature-scaled logits with -inf on the tokens top-k (V = off),
+    top-p (1.0 = off) and min-p (0 = off) drop, all [B] per row."""
     V = logits.shape[-1]
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
@@ -164,7 +161,17 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if min_p is not None:
         keep &= probs >= min_p[:, None] * probs[:, :1]  # at least min_p x the most likely token
     sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    filtered = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           noise: torch.Tensor | None, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] float32; per-row [B] parameters as filter_logits takes them; noise [B, V]
+    Exp(1) samples, or None when every row is greedy -> token ids [B]."""
+    greedy = logits.argmax(dim=-1)
+    if noise is None:
+        return greedy
+    filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
     # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, with no host sync.
     sampled = (filtered.softmax(dim=-1) / noise).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
