@@ -78,9 +78,14 @@ def prompt_proc(ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def colocated(ckpt):
+def colocated_model(ckpt):
+    return zoo.load(ckpt, max_batch_size=2, max_seq_len=MAX_SEQ)
+
+
+@pytest.fixture(scope="module")
+def colocated(colocated_model):
     """The reference: every request run alone, prefill and decode in one engine."""
-    model = zoo.load(ckpt, max_batch_size=2, max_seq_len=MAX_SEQ)
+    model = colocated_model
     memo = {}
 
     def run(prompt, max_new_tokens, **sampling):
@@ -140,6 +145,44 @@ def test_seeded_sampling_matches_colocated(decoder, colocated):
     reqs = [LLMReq(200 + i, p, max_new_tokens=10, **sampling) for i, p in enumerate(PROMPTS[:3])]
     results = decoder.generate(reqs)
     assert [r.token_ids for r in results] == [colocated(p, 10, **sampling) for p in PROMPTS[:3]]
+
+
+def _same_logprobs(got, want) -> bool:
+    """Lists of TokenLogprob (or None): the same tokens and alternatives, the same logprobs to 1e-4."""
+    if got is None or want is None:
+        return got is want
+    return len(got) == len(want) and all(
+        (a is None and b is None) or (a is not None and b is not None and a.token_id == b.token_id
+                                      and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                                      and [t for t, _ in a.top] == [t for t, _ in b.top]
+                                      and [v for _, v in a.top] == pytest.approx([v for _, v in b.top], abs=1e-4))
+        for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=0.9, top_k=50, top_p=0.9, min_p=0.05, seed=7)],
+                         ids=["greedy", "seeded"])
+def test_penalties_bias_min_tokens_and_logprobs_cross_the_split(decoder, colocated_model, sampling):
+    """The new sampling fields travel to the prompt side (which samples the first token with them)
+    and back with a router-style pull; the first token's logprob and the prompt logprobs come back
+    with the KV. Tokens and logprobs equal a colocated run's."""
+    params = dict(max_new_tokens=8, presence_penalty=0.5, frequency_penalty=0.4, repetition_penalty=1.3,
+                  logit_bias={5: 4.0, 17: -100.0}, **sampling)
+    # min_tokens keeps this stop token, which would otherwise be the first one, from ending it at once
+    stop = colocated_model.generate(PROMPTS[1], **{**params, "max_new_tokens": 1}).token_ids[0]
+    params.update(min_tokens=3, stop_token_ids=[stop], logprobs=3, prompt_logprobs=2)
+    prompts = [PROMPTS[1], PROMPTS[3]]
+    results = decoder.generate([LLMReq(1000 + i, p, **params) for i, p in enumerate(prompts)])
+    pulled_later = decoder.remote_prefill([LLMReq(1010, PROMPTS[1], **params)])[0]  # no prompt or sampling
+    assert pulled_later.ok                                                         # given to the pull
+    results.append(drain(decoder, [decoder.pull_and_merge(LLMReq(1010))])[0])
+    for got, prompt in zip(results, prompts + [PROMPTS[1]]):
+        want = colocated_model.generate(prompt, **params)
+        assert got.finish_reason == want.finish_reason and got.error is None
+        assert got.token_ids == want.token_ids and len(got.token_ids) >= 3
+        assert len(got.logprobs) == len(got.token_ids) and all(len(t.top) == 3 for t in got.logprobs)
+        assert _same_logprobs(got.logprobs, want.logprobs)
+        assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(prompt)
+        assert _same_logprobs(got.prompt_logprobs, want.prompt_logprobs)
 
 
 def test_pull_kv_and_merge_into_a_chosen_batch_slot(decoder, colocated):
@@ -390,3 +433,32 @@ def test_demo_command(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "tokens identical to a colocated run: 4/4" in out.stdout
     assert "--- [0] Beautiful is better than" in out.stdout
+
+
+def test_sampling_and_logprobs_wire_forms_round_trip_and_are_type_checked():
+    """Every SamplingParams field crosses the wire (logit_bias as [id, bias] pairs: JSON keys are
+    strings); a field of the wrong type, an unknown or missing one, is a protocol error."""
+    from zoo.engine.sampling import SamplingParams, TokenLogprob
+    from zoo.pd import protocol as proto
+    from zoo.pd.request import logprob_from_wire, logprob_to_wire, sampling_from_wire, sampling_to_wire
+
+    params = SamplingParams(max_new_tokens=9, temperature=0.7, top_k=5, top_p=0.8, min_p=0.1, seed=3, stop=("x",),
+                            stop_token_ids=(4,), ignore_eos=True, min_tokens=2, presence_penalty=0.5,
+                            frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={7: -100.0, 9: 2.5},
+                            logprobs=3, prompt_logprobs=0)
+    wire = json.loads(json.dumps(sampling_to_wire(params)))
+    assert set(wire) == set(proto.SAMPLING_FIELDS) == set(SamplingParams.__dataclass_fields__)
+    assert sampling_from_wire(proto.check_sampling(wire)) == params
+    for field, bad in [("logit_bias", {"7": 1.0}), ("logit_bias", [[7, "1"]]), ("logit_bias", [[7, 1], [7, 2]]),
+                       ("min_tokens", 1.5), ("presence_penalty", True), ("logprobs", "3"), ("prompt_logprobs", 1.0),
+                       ("repetition_penalty", None), ("min_p", float("nan")), ("extra", 1)]:
+        with pytest.raises(proto.ProtocolError):
+            proto.check_sampling({**wire, field: bad})
+    with pytest.raises(proto.ProtocolError):
+        proto.check_sampling({k: v for k, v in wire.items() if k != "min_p"})
+    token = TokenLogprob(5, -0.25, [(5, -0.25), (8, float("-inf"))])
+    sent = json.loads(json.dumps(logprob_to_wire(token), allow_nan=False))  # -inf goes as null
+    assert logprob_from_wire(proto.check_logprob(sent, "x")) == token
+    for bad in [[5, -0.2], [5, "x", []], [5, -0.2, [[8]]], [True, -0.2, []]]:
+        with pytest.raises(proto.ProtocolError):
+            proto.check_logprob(bad, "x")

@@ -63,9 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS / stop before this many new tokens")
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--logit-bias", action="append", type=_logit_bias, metavar="TOKEN_ID=BIAS",
+                   help="add BIAS to the logit of TOKEN_ID (repeatable)")
+    g.add_argument("--logprobs", type=int, metavar="N",
+                   help="with --json / --stdin: each new token's logprob and its N most likely alternatives")
     g.add_argument("--prefill-timeout", type=float, default=120.0,
                    help="seconds a prefill may take on the prompt side (default 120)")
     return p
+
+
+def _logit_bias(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if sep:
+            return int(token), float(bias)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, e.g. 42=-100, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +178,17 @@ def run_decoder(model, args) -> int:
 
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+                top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()), min_p=args.min_p,
+                min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
+                logit_bias=dict(args.logit_bias or ()), logprobs=args.logprobs)
+
+
+def _logprobs_json(logprobs) -> list | None:
+    """TokenLogprobs -> [{token_id, logprob, top: [[token_id, logprob], ...]}] (None stays None)."""
+    if logprobs is None:
+        return None
+    return [{"token_id": t.token_id, "logprob": t.logprob, "top": [list(p) for p in t.top]} for t in logprobs]
 
 
 def _run_json(engine: LLMEngine, reqs: list[LLMReq]):
@@ -167,7 +196,9 @@ def _run_json(engine: LLMEngine, reqs: list[LLMReq]):
     for req, r in zip(reqs, results):
         print(json.dumps({"req_id": req.req_id, "prompt": r.prompt, "text": r.text, "token_ids": r.token_ids,
                           "finish_reason": r.finish_reason, "error": r.error, "prompt_tokens": r.prompt_tokens,
-                          "ttft_ms": round(r.ttft_ms, 3)}), flush=True)
+                          "ttft_ms": round(r.ttft_ms, 3),
+                          **({"logprobs": _logprobs_json(r.logprobs)} if r.logprobs is not None else {})}),
+              flush=True)
     return results
 
 
@@ -248,7 +279,9 @@ def _serve_stdin(engine: LLMEngine, args) -> int:
                 ev = req.events.popleft()
                 print(json.dumps({"req_id": ev.index, "text": ev.text, "token_ids": ev.token_ids,
                                   "finish_reason": ev.finish_reason,
-                                  "error": req.error if ev.finish_reason == "error" else None}), flush=True)
+                                  "error": req.error if ev.finish_reason == "error" else None,
+                                  **({"logprobs": _logprobs_json(ev.logprobs)} if ev.logprobs is not None else {})}),
+                      flush=True)
                 failed += ev.finish_reason == "error"
         active = [r for r in active if not (r.finished and not r.events)]
         engine.poll(0.02)

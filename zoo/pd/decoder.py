@@ -16,6 +16,7 @@ link is replaced by linking again, which builds a fresh process group under a fr
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import socket
@@ -33,10 +34,9 @@ from zoo.device import parse_dtype
 from zoo.pd import protocol as proto
 from zoo.pd.prompt import model_fingerprint
 from zoo.pd.protocol import LLMException, LLMStatusCode
-from zoo.pd.request import LLMReq, PrefillResult, sampling_from_wire, sampling_to_wire
+from zoo.pd.request import LLMReq, PrefillResult, logprob_from_wire, sampling_from_wire, sampling_to_wire
 from zoo.pd.transport import DECODER_RANK, KVTransport, parse_address, store_client
-from zoo.engine.sampling import SamplingParams
-
+from zoo.engine.sampling import SamplingParams, TokenLogprob
 
 
 @dataclass
@@ -195,6 +195,8 @@ class Link:
                 nbytes = proto.get(reply, "nbytes", (int,))
                 if nbytes != torch.Size(shape).numel() * parse_dtype(dtype).itemsize:
                     raise proto.ProtocolError(f"nbytes {nbytes} does not match shape {shape} {dtype}")
+                first_logprob, prompt_logprobs = _logprobs_of_pull(reply, prompt_ids, first_token, sampling,
+                                                                   g.vocab_size)
             except proto.ProtocolError as e:
                 self._break(f"bad pull reply from prompt cluster {self.cluster_id}: {e.message}")
                 raise
@@ -210,7 +212,7 @@ class Link:
             received = self.transport.bytes_received - before
             self.bytes_received += received
         # k and v stay views of the one received tensor: no copy until merge_kv writes the slot
-        prefilled = PrefilledKV(first_token, list(kv[:g.layers]), list(kv[g.layers:]))
+        prefilled = PrefilledKV(first_token, list(kv[:g.layers]), list(kv[g.layers:]), first_logprob, prompt_logprobs)
         return PulledKV(req_id, self.cluster_id, prompt_ids, sampling, prefilled, received, time.perf_counter() - t0)
 
     def release(self, req_id: int) -> bool:
@@ -249,6 +251,32 @@ class Link:
             _close_quietly(self.sock, shutdown=True)
 
 
+def _logprobs_of_pull(reply: dict, prompt_ids: list[int], first_token: int, sampling: SamplingParams,
+                      vocab_size: int) -> tuple[TokenLogprob | None, list[TokenLogprob | None] | None]:
+    """The first token's logprob and the prompt logprobs of a pull reply, each checked to be there
+    exactly when the sampling asked for it, and to describe these tokens (ProtocolError if not)."""
+    def checked(value, what: str, token: int, k: int) -> TokenLogprob:
+        value = proto.check_logprob(value, what)
+        ids = [value[0]] + [t for t, _ in value[2]]
+        if value[0] != token or len(value[2]) > k or not all(0 <= t < vocab_size for t in ids):
+            raise proto.ProtocolError(f"{what} is not the logprob of token {token} with at most {k} alternatives")
+        return logprob_from_wire(value)
+
+    first = proto.get(reply, "first_logprob", (list, type(None)))
+    prompt = proto.get(reply, "prompt_logprobs", (list, type(None)))
+    if (first is None) != (sampling.logprobs is None) or (prompt is None) != (sampling.prompt_logprobs is None):
+        raise proto.ProtocolError("the logprobs sent do not match the ones the request asked for")
+    if first is not None:
+        first = checked(first, "first_logprob", first_token, sampling.logprobs)
+    if prompt is not None:
+        if len(prompt) != len(prompt_ids) or prompt[0] is not None:
+            raise proto.ProtocolError(f"prompt_logprobs must hold null then one logprob per prompt token "
+                                      f"after the first ({len(prompt_ids)} in all)")
+        prompt = [None] + [checked(v, "a prompt logprob", t, sampling.prompt_logprobs)
+                           for v, t in zip(prompt[1:], prompt_ids[1:])]
+    return first, prompt
+
+
 def _close_quietly(sock: socket.socket, shutdown: bool = False) -> None:
     try:
         if shutdown:
@@ -265,13 +293,18 @@ class _Pending:
 
     request: Request
     cluster_id: int
+    req_id: int  # the request's id on the prompt side (the engine Request's index need not be unique)
 
 
 class Decoder:
     def __init__(self, model, cluster_id: int, *, timeouts: Timeouts, backend: str, auto_relink: bool = True,
-                 log=None):
+                 relink_every_s: float | None = None, log=None):
+        """relink_every_s: with auto_relink, an idle fetcher whose link is broken tries to link again
+        this often (None: only a request for that cluster does, and round robin sends requests to
+        the healthy clusters while there are any)."""
         self.model, self.engine, self.cluster_id = model, model.engine, cluster_id
         self.timeouts, self.backend, self.auto_relink = timeouts, backend, auto_relink
+        self.relink_every_s = relink_every_s
         self._log = log or (lambda msg: print(f"[zoo.pd] decoder {cluster_id}: {msg}", file=sys.stderr, flush=True))
         cache = self.engine.cache
         self.geometry = _Geometry(len(cache.k), cache.k[0].shape[1], cache.k[0].shape[3],
@@ -285,6 +318,9 @@ class Decoder:
         self._prefilled_at: dict[int, int] = {}  # req id -> cluster that prefilled it via remote_prefill
         self._round_robin = itertools.count()
         self._wakeup = threading.Event()  # set when a request was queued in the engine or failed
+        # (request, message) a fetcher gave up on: failed by the thread that drives the engine (poll), so a
+        # request never finishes under the feet of a reader of its events
+        self._failures: collections.deque[tuple[Request, str]] = collections.deque()
         self._stats_lock = threading.Lock()
         self.kv_bytes_received = 0
         self.kv_transfers = 0
@@ -322,6 +358,12 @@ class Decoder:
         if fetcher is not None:
             fetcher.join(timeout=self.timeouts.sync_kv + 1.0)
         self._log(f"unlinked prompt cluster {cluster_id}")
+
+    def link_broken(self, cluster_id: int) -> bool:
+        """Whether the link to a linked cluster is down (broken, or not made yet) right now."""
+        with self._lock:
+            link = self._links.get(cluster_id)
+            return cluster_id in self._addresses and (link is None or link.broken is not None)
 
     def linked_clusters(self) -> dict[int, str]:
         with self._lock:
@@ -368,14 +410,19 @@ class Decoder:
         return new
 
     def _cluster_for(self, req: LLMReq) -> int:
+        return self._pick_cluster(req.req_id, req.prompt_cluster_id)
+
+    def _pick_cluster(self, req_id: int, asked: int | None) -> int:
+        """`asked` if it is linked; None: round robin over the healthy linked clusters (all of them
+        when none is healthy)."""
         with self._lock:
             clusters = sorted(self._addresses)
-            if req.prompt_cluster_id is not None:
-                if req.prompt_cluster_id not in self._addresses:
+            if asked is not None:
+                if asked not in self._addresses:
                     raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
-                                       f"request {req.req_id} asks for prompt cluster {req.prompt_cluster_id}, "
+                                       f"request {req_id} asks for prompt cluster {asked}, "
                                        f"which is not linked (linked: {clusters})")
-                return req.prompt_cluster_id
+                return asked
             if not clusters:
                 raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK, "no prompt cluster is linked; call link() first")
             healthy = [c for c in clusters if c in self._links and self._links[c].broken is None] or clusters
@@ -461,7 +508,19 @@ class Decoder:
                                    "prefilled, use pull_kv + merge_kv")
             request = self._make_request(r.req_id, self._prompt_ids(r), r.sampling_params(),
                                          r.prompt if isinstance(r.prompt, str) else None)
-            pending.append(_Pending(request, self._cluster_for(r)))
+            pending.append(_Pending(request, self._cluster_for(r), r.req_id))
+        self._hand_over(pending)
+        return [p.request for p in pending]
+
+    def submit_requests(self, requests: list[Request], req_ids: list[int]) -> None:
+        """Like submit(), for engine Requests already made (engine.make_request: validated, with
+        whatever index their caller numbers them by): each is prefilled on a prompt cluster picked
+        round robin under req_ids[i], which must be unique on that cluster while it is held there.
+        LLMException(LLM_NOT_YET_LINK), nothing queued, when no cluster is linked."""
+        pending = [_Pending(r, self._pick_cluster(i, None), i) for r, i in zip(requests, req_ids, strict=True)]
+        self._hand_over(pending)
+
+    def _hand_over(self, pending: list[_Pending]) -> None:
         for p in pending:
             with self._lock:
                 fetcher = self._fetchers.get(p.cluster_id)
@@ -469,7 +528,6 @@ class Decoder:
                 self._fail(p.request, f"prompt cluster {p.cluster_id} was unlinked")
             else:
                 fetcher.put(p)
-        return [p.request for p in pending]
 
     def drive(self, requests: list[Request]) -> Iterator[StreamEvent]:
         """Yield the requests' StreamEvents while stepping the engine (which also advances every
@@ -480,10 +538,12 @@ class Decoder:
         """Advance: one engine step if anything is queued or running, else wait up to `timeout` for
         a fetcher to queue (or fail) a request."""
         self._wakeup.clear()
+        self._apply_failures()
         if self.engine.has_work():
             self.engine.step()
         else:
             self._wakeup.wait(timeout)
+        self._apply_failures()
 
     def cancel(self, requests: list[Request], reason: str = "cancelled") -> None:
         """Abort unfinished requests: frees their slots; a fetcher skips them (and releases KV a
@@ -491,10 +551,17 @@ class Decoder:
         self.engine.abort([r for r in requests if not r.finished], reason)
 
     def _fail(self, request: Request, message: str) -> None:
-        with self.engine.lock:
-            if not request.finished:
-                self.engine.abort([request], message)
+        """Fail a request at the next poll (or close): only the thread that drives the engine
+        finishes requests, so a reader of their events never sees one finish half-way."""
+        self._failures.append((request, message))
         self._wakeup.set()
+
+    def _apply_failures(self) -> None:
+        while self._failures:
+            request, message = self._failures.popleft()
+            with self.engine.lock:
+                if not request.finished:
+                    self.engine.abort([request], message)
 
     def _queue_in_engine(self, request: Request, pulled: PulledKV) -> bool:
         with self.engine.lock:  # abort() takes it too: a request cancelled meanwhile is not queued
@@ -521,6 +588,7 @@ class Decoder:
                 self.unlink(c)
             except LLMException:
                 pass
+        self._apply_failures()
 
 
 class _Fetcher(threading.Thread):
@@ -533,6 +601,7 @@ class _Fetcher(threading.Thread):
         self.queue: queue.Queue[_Pending] = queue.Queue()
         self._stopped = threading.Event()
         self._stop_reason = ""
+        self._relink_error: str | None = None  # why the last background re-link failed
 
     def put(self, item: _Pending) -> None:
         if self._stopped.is_set():
@@ -553,10 +622,15 @@ class _Fetcher(threading.Thread):
                 return
 
     def run(self) -> None:
+        last_try = 0.0
         while not self._stopped.is_set():
             try:
                 first = self.queue.get(timeout=0.2)
             except queue.Empty:
+                every = self.decoder.relink_every_s
+                if every is not None and time.monotonic() - last_try >= every:
+                    self._relink_if_broken()
+                    last_try = time.monotonic()
                 continue
             batch = [first]
             while len(batch) < 64:  # what queued up meanwhile goes in the same prefill call
@@ -570,26 +644,42 @@ class _Fetcher(threading.Thread):
                 for p in batch:
                     self.decoder._fail(p.request, f"{type(e).__name__}: {e}")
 
+    def _relink_if_broken(self) -> None:
+        """Idle, with a broken link: link again now, so that round robin sends requests here again
+        once the prompt process is back (a failure is logged once per outage)."""
+        d = self.decoder
+        if not d.auto_relink or not d.link_broken(self.cluster_id):
+            self._relink_error = None
+            return
+        try:
+            d._link(self.cluster_id)
+            self._relink_error = None
+        except Exception as e:  # noqa: BLE001 - LLMException mostly; the thread must live on
+            if self._relink_error is None:
+                d._log(f"re-linking to prompt cluster {self.cluster_id} failed (trying again every "
+                       f"{d.relink_every_s:g} s): {e}")
+            self._relink_error = str(e)
+
     def _run_batch(self, batch: list[_Pending]) -> None:
         if not batch:
             return
         d = self.decoder
         try:
             link = d._link(self.cluster_id)
-            results = link.prefill([(p.request.index, p.request.prompt_ids, p.request.params) for p in batch])
+            results = link.prefill([(p.req_id, p.request.prompt_ids, p.request.params) for p in batch])
         except LLMException as e:
             self._link_failed(batch, e)
             return
         for i, (p, result) in enumerate(zip(batch, results)):
             if not result.ok:
                 d._fail(p.request, f"prompt cluster {self.cluster_id} could not prefill request "
-                                   f"{p.request.index}: {result.status.value}: {result.message}")
+                                   f"{p.req_id}: {result.status.value}: {result.message}")
                 continue
             if p.request.finished:  # cancelled while it was being prefilled: free its KV over there
-                _release_quietly(link, p.request.index)
+                _release_quietly(link, p.req_id)
                 continue
             try:
-                pulled = d._pull(link, p.request.index)
+                pulled = d._pull(link, p.req_id)
             except LLMException as e:
                 if link.broken:
                     self._link_failed(batch[i:], e)

@@ -25,7 +25,7 @@ import torch
 
 from zoo.pd import protocol as proto
 from zoo.pd.protocol import LLMException, LLMStatusCode
-from zoo.pd.request import sampling_from_wire, sampling_to_wire
+from zoo.pd.request import logprob_to_wire, sampling_from_wire, sampling_to_wire
 from zoo.pd.transport import PROMPT_RANK, KVTransport, store_server
 from zoo.engine.sampling import SamplingParams
 
@@ -49,6 +49,8 @@ class HeldKV:
     first_token: int
     kv: torch.Tensor  # [2 * layers, KV, prompt_len, hd]: every layer's k, then every layer's v
     expires_at: float
+    first_logprob: list | None = None  # wire form, when the request asked for logprobs
+    prompt_logprobs: list | None = None  # wire form, one per prompt token, when it asked for prompt_logprobs
     pulling: bool = False  # a transfer is under way: neither TTL nor release may free it now
 
     @property
@@ -126,9 +128,22 @@ class PromptServer:
                         LLMStatusCode.LLM_FAILED, f"prefill failed: {type(e).__name__}: {e}")}
                 continue
             for (i, req_id, req), pk in zip(group, prefilled):
+                first_logprob = logprob_to_wire(pk.first_logprob) if req.params.logprobs is not None else None
+                prompt_logprobs = None
+                if req.params.prompt_logprobs is not None and pk.prompt_logprobs is not None:
+                    prompt_logprobs = [logprob_to_wire(t) for t in pk.prompt_logprobs]
+                    size = len(json.dumps(prompt_logprobs)) + len(json.dumps(req.prompt_ids))
+                    if size > proto.MAX_FRAME_BYTES - 65536:  # the pull reply carries both
+                        self._unreserve(req_id)
+                        results[i] = {"req_id": req_id, **proto.error_reply(
+                            LLMStatusCode.LLM_PARAM_INVALID,
+                            f"request {req_id}: the prompt logprobs of {len(req.prompt_ids)} tokens x "
+                            f"{req.params.prompt_logprobs} alternatives take {size} bytes, more than a control "
+                            f"message holds ({proto.MAX_FRAME_BYTES}); ask for fewer alternatives")}
+                        continue
                 kv = torch.stack(pk.k + pk.v)  # [2 * layers, KV, prompt_len, hd]
                 held = HeldKV(req_id, req.prompt_ids, sampling_to_wire(req.params), pk.first_token, kv,
-                              time.monotonic() + self.kv_ttl)
+                              time.monotonic() + self.kv_ttl, first_logprob, prompt_logprobs)
                 with self._lock:
                     self._reserved.pop(req_id, None)
                     self._held[req_id] = held
@@ -325,7 +340,8 @@ class PromptServer:
             held = self._take_for_pull(req_id)
             s.pending_send = (held, tag)
             return {"ok": True, "req_id": req_id, "prompt_ids": held.prompt_ids, "sampling": held.sampling,
-                    "first_token": held.first_token, "kv_shape": list(held.kv.shape),
+                    "first_token": held.first_token, "first_logprob": held.first_logprob,
+                    "prompt_logprobs": held.prompt_logprobs, "kv_shape": list(held.kv.shape),
                     "dtype": str(held.kv.dtype).replace("torch.", ""), "nbytes": held.nbytes, "tag": tag}
         if op == "release":
             return {"ok": True, "released": self.release(proto.get_req_id(msg),

@@ -15,21 +15,29 @@ Requests (decoder -> prompt)                  Replies (prompt -> decoder)
   prefill  {requests: [{req_id, prompt_ids, sampling}]}
                                                 {ok, results: [{req_id, ok, first_token, prompt_len, nbytes}
                                                                | {req_id, ok: false, status, message}]}
-  pull     {req_id, tag}                        {ok, req_id, prompt_ids, sampling, first_token, kv_shape,
-                                                 dtype, nbytes, tag}, then the KV bytes on the process group
+  pull     {req_id, tag}                        {ok, req_id, prompt_ids, sampling, first_token, first_logprob,
+                                                 prompt_logprobs, kv_shape, dtype, nbytes, tag}, then the KV
+                                                 bytes on the process group
   release  {req_id}                             {ok, released}
   status   {}                                   {ok, cluster_id, held, held_bytes, kv_ttl}
   bye      {}                                   {ok}
 Any failed request gets {ok: false, status: <LLMStatusCode name>, message}.
+
+Wire forms: `sampling` is an object with exactly the SAMPLING_FIELDS; its logit_bias is a list of
+[token_id, bias] pairs (JSON object keys are strings). A token's logprob is [token_id, logprob,
+[[token_id, logprob], ...]] (the top alternatives, most likely first), a logprob of null meaning
+-inf; first_logprob is one (null unless the request asked for logprobs) and prompt_logprobs a list
+of one per prompt token, the first null (null unless it asked for prompt_logprobs).
 """
 from __future__ import annotations
 
 import enum
 import json
+import math
 import socket
 import struct
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the penalty / logit_bias / min_tokens / logprobs fields
 # A prompt of 128k token ids is ~1 MB of JSON; anything near this bound is not a real message.
 MAX_FRAME_BYTES = 16 * 2**20
 _HEADER = struct.Struct("!I")
@@ -44,6 +52,14 @@ SAMPLING_FIELDS = {
     "stop": (list,),
     "stop_token_ids": (list,),
     "ignore_eos": (bool,),
+    "min_p": (int, float),
+    "min_tokens": (int,),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
+    "repetition_penalty": (int, float),
+    "logit_bias": (list,),  # [[token_id, bias], ...]
+    "logprobs": (int, type(None)),
+    "prompt_logprobs": (int, type(None)),
 }
 
 
@@ -151,11 +167,44 @@ def check_sampling(sampling) -> dict:
     if unknown:
         raise ProtocolError(f"unknown sampling field(s) {sorted(unknown)}")
     for name, types in SAMPLING_FIELDS.items():
-        get(sampling, name, types)
+        value = get(sampling, name, types)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ProtocolError(f"sampling {name!r} must be a finite number, got {value}")
     if not all(isinstance(s, str) for s in sampling["stop"]):
         raise ProtocolError("sampling 'stop' must be a list of strings")
     get_int_list(sampling, "stop_token_ids")
+    seen = set()
+    for pair in sampling["logit_bias"]:
+        if not (isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0]) and _is_number(pair[1])):
+            raise ProtocolError("sampling 'logit_bias' must be a list of [token_id, bias] pairs")
+        if pair[0] in seen:
+            raise ProtocolError(f"sampling 'logit_bias' names token {pair[0]} twice")
+        seen.add(pair[0])
     return sampling
+
+
+def check_logprob(value, what: str) -> list:
+    """A wire token logprob, [token_id, logprob | null, [[token_id, logprob | null], ...]], with every
+    part's type checked (ints for ids, finite numbers or null for logprobs)."""
+    def pair_ok(p) -> bool:
+        return isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and _is_logprob(p[1])
+
+    if not (isinstance(value, list) and len(value) == 3 and pair_ok(value[:2]) and isinstance(value[2], list)
+            and all(pair_ok(p) for p in value[2])):
+        raise ProtocolError(f"{what} must be [token_id, logprob, [[token_id, logprob], ...]]")
+    return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:  # JSON has no NaN / Infinity, but Python's json module reads them
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_logprob(value) -> bool:
+    return value is None or _is_number(value)
 
 
 def error_reply(status: LLMStatusCode, message: str) -> dict:
