@@ -212,15 +212,34 @@ ERROR_CASES = [
     ("bad_role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
      400, "messages[0].role", "invalid_value"),
     ("missing_prompt", "/v1/completions", {"model": MODEL}, 400, "prompt", "missing_required_parameter"),
-    ("n_above_1", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, 400, "n", "unsupported_value"),
+    ("n_zero", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n", "invalid_value"),
+    ("best_of_below_n", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 3, "best_of": 2}, 400, "best_of",
+     "invalid_value"),
+    ("best_of_streamed", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2, "stream": True}, 400,
+     "best_of", "invalid_value"),
+    ("logprobs_above_20", "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs",
+     "invalid_value"),
+    ("top_logprobs_without_logprobs", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs",
+     "invalid_value"),
+    ("presence_penalty_above_2", "/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400,
+     "presence_penalty", "invalid_value"),
+    ("logit_bias_key_not_a_token", "/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"a": 1}}, 400,
+     "logit_bias", "invalid_value"),
+    ("logit_bias_token_outside_vocab", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "logit_bias": {"999999": 1}}, 400, "logit_bias", None),
+    ("logit_bias_value_above_100", "/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 101}},
+     400, "logit_bias", "invalid_value"),
+    ("min_tokens_above_max_tokens", "/v1/completions",
+     {"model": MODEL, "prompt": "x", "max_tokens": 3, "min_tokens": 4}, 400, "min_tokens", None),
+    ("max_tokens_zero_without_echo", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400,
+     "max_tokens", "invalid_value"),
     ("token_id_outside_vocab", "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, "prompt", None),
     ("top_p_zero", "/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p", "invalid_value"),
     ("stream_options_without_stream", "/v1/completions",
      {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
      "invalid_value"),
     ("best_of_zero", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 0}, 400, "best_of", "invalid_value"),
-    ("best_of_above_1", "/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2}, 400, "best_of",
-     "unsupported_value"),
     ("too_many_stops", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["a"] * 17}, 400, "stop",
      "invalid_value"),
     ("empty_stop", "/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 400, "stop", "invalid_value"),
@@ -265,7 +284,7 @@ def test_errors_through_the_openai_client_and_the_server_goes_on(client):
         client.completions.create(model="gpt-4", prompt="x")
     assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=3)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=0)
     assert e.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="x", temperature=-1)
@@ -574,3 +593,145 @@ def test_metrics_count_tokens_and_latencies(server, client):
                  "zoo_generation_tokens_total", "zoo_time_to_first_token_seconds_bucket",
                  "zoo_e2e_request_latency_seconds_bucket", "zoo_http_errors_total"):
         assert f"\n{name}" in raw.text, name
+
+
+# ---- sampling options, logprobs, echo, n / best_of ---------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_reference():
+    """log_softmax of transformers' logits on the embedded model, for token ids -> [S, V]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zoo.models import embedded_model_path
+
+    hf = AutoModelForCausalLM.from_pretrained(embedded_model_path(), dtype=torch.float32).eval()
+
+    def logprobs(ids: list[int]):
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+    return logprobs
+
+
+def test_completion_logprobs_match_transformers(client, hf_reference):
+    r = client.completions.create(model=MODEL, prompt="Beautiful is", max_tokens=8, temperature=0, logprobs=3,
+                                  extra_body={"return_token_ids": True})
+    choice = r.choices[0]
+    ids = choice.token_ids
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) == 8
+    prompt_ids = _prompt_ids("Beautiful is")
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    ref = hf_reference(prompt_ids + ids)
+    for step, (token, value, top) in enumerate(zip(ids, lp.token_logprobs, lp.top_logprobs)):
+        assert value == pytest.approx(ref[len(prompt_ids) - 1 + step, token].item(), abs=1e-4)
+        assert len(top) <= 4 and lp.tokens[step] in top  # 3 alternatives + the chosen token
+        assert max(top.values()) == pytest.approx(value, abs=1e-6)  # greedy: the chosen one is the best
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+
+
+def _prompt_ids(text: str) -> list[int]:
+    """The prompt's token ids, as the server encodes them (the embedded model's tokenizer)."""
+    from zoo.models import embedded_model_path
+    from zoo.tokenizers import load_tokenizer
+
+    return load_tokenizer(embedded_model_path()).encode(text)
+
+
+def test_echo_scores_the_prompt_like_transformers(client, hf_reference):
+    prompt = "Errors should never pass silently"
+    ids = _prompt_ids(prompt)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+    ref = hf_reference(ids)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+    # echo with new tokens: the prompt, then the completion (and its logprobs after the prompt's)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=1, temperature=0)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+    assert r.choices[0].text == prompt + plain.choices[0].text
+    assert r.choices[0].logprobs.token_logprobs[len(ids):] == plain.choices[0].logprobs.token_logprobs
+    assert r.usage.completion_tokens == 4
+
+
+def test_streamed_echo_and_logprobs_equal_the_whole_answer(client):
+    kw = dict(model=MODEL, prompt="Flat is", max_tokens=6, temperature=0, echo=True, logprobs=2)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert sum((c.logprobs.token_logprobs for c in chunks if c.logprobs), []) == whole.logprobs.token_logprobs
+    assert sum((c.logprobs.text_offset for c in chunks if c.logprobs), []) == whole.logprobs.text_offset
+
+
+def test_chat_logprobs_streamed_and_not(client, hf_reference):
+    messages = [{"role": "user", "content": "Beautiful is"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
+        assert t.bytes == list(t.token.encode("utf-8"))
+    streamed = []
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                                logprobs=True, top_logprobs=2, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_n_choices_and_their_usage(client):
+    kw = dict(model=MODEL, prompt=["Beautiful is", "Now is better"], max_tokens=5, temperature=1.5, seed=4)
+    one = [client.completions.create(**{**kw, "prompt": p}, n=1) for p in kw["prompt"]]
+    r = client.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == list(range(6))
+    assert r.usage.prompt_tokens == sum(o.usage.prompt_tokens for o in one)  # each prompt counted once
+    assert r.usage.completion_tokens == 6 * 5
+    # choice j of a seeded request is the request with seed + j
+    assert r.choices[0].text == one[0].choices[0].text and r.choices[3].text == one[1].choices[0].text
+    shifted = client.completions.create(**{**kw, "prompt": kw["prompt"][1], "seed": 6})
+    assert r.choices[5].text == shifted.choices[0].text
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Simple is"}], n=2,
+                                          max_tokens=4, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message == chat.choices[1].message
+
+
+def test_best_of_returns_the_most_likely_samples(client):
+    kw = dict(model=MODEL, prompt="Special cases", max_tokens=6, temperature=2.0, seed=9)
+    drawn = client.completions.create(n=4, logprobs=0, **kw)
+    best = client.completions.create(n=2, best_of=4, **kw)
+    ranked = sorted(drawn.choices, key=lambda c: sum(c.logprobs.token_logprobs), reverse=True)[:2]
+    assert [c.text for c in best.choices] == [c.text for c in ranked]
+    assert all(c.logprobs is None for c in best.choices) and best.usage.completion_tokens == 4 * 6
+
+
+def test_penalties_bias_and_min_tokens_reach_the_sampler(server, client):
+    import zoo
+
+    # (the trained tiny model is so sure of itself that greedy output rarely changes: sample, seeded)
+    sampled = dict(model=MODEL, prompt="Beautiful is", max_tokens=16, temperature=1.0, seed=3)
+    plain = client.completions.create(**sampled, extra_body={"return_token_ids": True}).choices[0]
+    options = dict(frequency_penalty=1.5, presence_penalty=0.5)
+    extra = {"repetition_penalty": 2.0, "min_p": 0.1, "return_token_ids": True}
+    served = client.completions.create(**sampled, **options, extra_body=extra).choices[0]
+    with zoo.load(max_batch_size=2) as local:  # the same embedded model in this process
+        want = local.generate("Beautiful is", max_new_tokens=16, temperature=1.0, seed=3, repetition_penalty=2.0,
+                              min_p=0.1, **options)
+    assert served.token_ids == want.token_ids != plain.token_ids
+    kw = dict(model=MODEL, prompt="Beautiful is", max_tokens=12, temperature=0)
+    forced = client.completions.create(**kw, logit_bias={"100": 100}, extra_body={"return_token_ids": True})
+    assert forced.choices[0].token_ids == [100] * 12
+    eos = 2  # the embedded model's EOS, made the greedy choice by the bias
+    short = client.completions.create(**{**kw, "max_tokens": 8}, logit_bias={str(eos): 100},
+                                      extra_body={"return_token_ids": True}).choices[0]
+    assert short.token_ids == [eos] and short.finish_reason == "stop"
+    held = client.completions.create(**{**kw, "max_tokens": 8}, logit_bias={str(eos): 100},
+                                     extra_body={"return_token_ids": True, "min_tokens": 3}).choices[0]
+    assert len(held.token_ids) == 4 and held.token_ids[-1] == eos and eos not in held.token_ids[:3]

@@ -26,12 +26,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from zoo.engine import GenerationResult, StreamEvent, encode_prompt
+from zoo.api import TPModel
 from zoo.engine import Request as EngineRequest
-from zoo.engine import StreamEvent, encode_prompt
+from zoo.engine.choices import keep_best, sample_params
 from zoo.engine.sampling import SamplingParams
 from zoo.serve.engine_loop import EngineLoop, EngineStopped
+from zoo.serve.logprobs import chat_logprobs, completion_logprobs, token_text_fn
 from zoo.serve.metrics import Metrics
 from zoo.serve.protocol import APIError, ChatCompletionBody, CompletionBody, bad_request, parse_body
+from zoo.serve.tp_engine import TPServedModel
 from zoo.errors import ChatTemplateError, RequestError
 
 log = logging.getLogger("zoo.serve")
@@ -61,8 +65,11 @@ def default_model_name(model) -> str:
 
 
 def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
-    """An app serving `model` (a zoo.Model). Its engine thread starts and stops with the app's
-    lifespan; nothing else may generate with `model` while the app runs."""
+    """An app serving `model` (a zoo.Model, or a zoo.TPModel: see zoo.serve.tp_engine). Its engine
+    thread starts and stops with the app's lifespan; nothing else may generate with `model` while the
+    app runs."""
+    if isinstance(model, TPModel):  # the ranks' engines, driven with one round trip per step
+        model = TPServedModel(model)
     if not hasattr(model, "engine"):
         raise TypeError(f"create_app needs a single-process zoo.Model (with an engine), got {type(model).__name__}")
     settings = settings or ServerSettings(default_model_name(model))
@@ -110,6 +117,9 @@ def create_app(model, settings: ServerSettings | None = None) -> FastAPI:
     async def health():
         if not server.engine_loop.alive:
             return JSONResponse({"status": "engine not running"}, status_code=503)
+        failure = getattr(server.engine, "failure", None)  # tensor-parallel ranks that died or hung
+        if failure is not None:
+            return JSONResponse({"status": "engine failed", "error": failure}, status_code=503)
         return {"status": "ok", "running": server.engine_loop.running(), "waiting": server.engine_loop.queued()}
 
     @app.get("/metrics")
@@ -151,6 +161,7 @@ class _Server:
         self.max_seq_len = self.engine.max_seq_len
         self.metrics = Metrics(self.name)
         self.engine_loop = EngineLoop(self.engine, self.metrics)
+        self.token_text = token_text_fn(model.tokenizer)  # token id -> text, for logprobs
         self.metrics.bind(self.engine_loop)
         self.created = int(time.time())
 
@@ -209,13 +220,17 @@ class _Server:
     def completion_requests(self, body: CompletionBody) -> list[EngineRequest]:
         """Tokenize and validate (in a worker thread); nothing is queued if any prompt is bad."""
         prompts = body.prompt_list()
-        self.check_queue_room(len(prompts))
+        self.check_queue_room(len(prompts) * body.draws)
         try:
             encoded = [encode_prompt(self.model.tokenizer, p, f"prompt {i}", self.name) for i, p in enumerate(prompts)]
         except RequestError as e:
             raise bad_request(str(e), param="prompt") from None
+        # echo with max_tokens 0 scores the prompt: one token is generated and not shown
+        asked = 1 if body.scores_only else body.max_tokens
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
         return self._make_requests(body, encoded, [p if isinstance(p, str) else None for p in prompts],
-                                   body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+                                   asked, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", logprobs=body.logprobs,
+                                   prompt_logprobs=prompt_logprobs)
 
     def chat_requests(self, body: ChatCompletionBody) -> list[EngineRequest]:
         tok = self.model.tokenizer
@@ -236,27 +251,32 @@ class _Server:
         # counts as one, so ignore_eos (fixed-length benchmarks) ignores it too, as vLLM does.
         end_of_turn = () if body.ignore_eos else tuple(tok.chat_stop_token_ids)
         # No prompt text goes along: nothing in the server reads it back, the ids are what runs.
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return self._make_requests(body, [ids], [None], body.token_limit, None, "messages",
-                                   stop_token_ids=end_of_turn)
+                                   stop_token_ids=end_of_turn, logprobs=logprobs)
 
     def _make_requests(self, body, encoded: list[list[int]], texts: list[str | None], asked: int | None,
-                       default: int | None, prompt_param: str,
-                       stop_token_ids: tuple[int, ...] = ()) -> list[EngineRequest]:
+                       default: int | None, prompt_param: str, stop_token_ids: tuple[int, ...] = (),
+                       logprobs: int | None = None, prompt_logprobs: int | None = None) -> list[EngineRequest]:
+        """body.draws requests per prompt, index = prompt * draws + sample; nothing is queued if any is bad."""
         stops = body.stop_list()
-        self.check_queue_room(len(encoded))
+        self.check_queue_room(len(encoded) * body.draws)
         requests = []
         for i, ids in enumerate(encoded):
-            max_new = self._max_new_tokens(len(ids), asked, default, prompt_param)
             params = SamplingParams(
-                max_new_tokens=max_new,
+                max_new_tokens=self._max_new_tokens(len(ids), asked, default, prompt_param),
                 temperature=DEFAULT_TEMPERATURE if body.temperature is None else float(body.temperature),
-                top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=stops,
+                top_k=body.top_k, top_p=body.top_p, min_p=body.min_p or 0.0, seed=body.seed, stop=stops,
                 stop_token_ids=tuple(dict.fromkeys(stop_token_ids + tuple(body.stop_token_ids or ()))),
-                ignore_eos=body.ignore_eos)
-            try:
-                requests.append(self.engine.make_request(i, ids, params, texts[i]))
-            except RequestError as e:
-                raise bad_request(str(e), param=prompt_param) from None
+                ignore_eos=body.ignore_eos, min_tokens=body.min_tokens or 0,
+                presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                logit_bias=body.token_bias(), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            for j, sample in enumerate(sample_params(params, body.draws, keep=body.choices)):
+                try:
+                    requests.append(self.engine.make_request(i * body.draws + j, ids, sample, texts[i]))
+                except RequestError as e:
+                    raise bad_request(str(e), param=_param_of(str(e), prompt_param)) from None
         return requests
 
     def _max_new_tokens(self, prompt_len: int, asked: int | None, default: int | None, prompt_param: str) -> int:
@@ -329,6 +349,8 @@ class _Call:
                         m = merged[req.index][1]
                         m.text += e.text
                         m.token_ids += e.token_ids
+                        if m.logprobs is not None:
+                            m.logprobs = m.logprobs + (e.logprobs or [])
                         m.finish_reason = e.finish_reason or m.finish_reason
             for req, e in merged.values():
                 yield req, e
@@ -340,9 +362,16 @@ class _Call:
             pass
 
     def usage(self) -> dict:
-        prompt = sum(len(r.prompt_ids) for r in self.requests)
-        completion = sum(len(r.output_ids) for r in self.requests)
+        """Prompt tokens once per prompt (its n / best_of samples share it), completion tokens of every
+        sample generated (best_of ones too: they were computed); echoed tokens are prompt tokens."""
+        draws = self.body.draws
+        prompt = sum(len(r.prompt_ids) for r in self.requests if r.index % draws == 0)
+        completion = 0 if self.scores_only else sum(len(r.output_ids) for r in self.requests)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @property
+    def scores_only(self) -> bool:
+        return not self.chat and self.body.scores_only
 
     def _failure(self) -> APIError | None:
         failed = [r for r in self.requests if r.finish_reason == "error"]
@@ -350,19 +379,46 @@ class _Call:
             return None
         return APIError(500, f"generation failed: {failed[0].error}", type="server_error")
 
+    def _echo(self, req: EngineRequest | GenerationResult) -> str:
+        """The prompt's text, in front of the completion when the request asks for echo."""
+        if self.chat or not self.body.echo:
+            return ""
+        prompt = req.prompt
+        return prompt if prompt is not None else self.server.model.tokenizer.decode(req.prompt_ids) \
+            if self.server.model.tokenizer is not None else ""
+
+    def _completion_logprobs(self, prompt_ids, prompt_entries, token_ids, entries, offset: int) -> dict | None:
+        """A completion choice's logprobs: the echoed prompt's (when echoed) then the new tokens'."""
+        if self.body.logprobs is None:
+            return None
+        text = self.server.token_text
+        ids, all_entries = list(token_ids), list(entries or [])
+        if prompt_entries is not None:
+            ids, all_entries = list(prompt_ids) + ids, list(prompt_entries) + all_entries
+        return completion_logprobs(all_entries, ids, text, offset)
+
     def full_response(self) -> dict:
         failure = self._failure()
         if failure is not None:
             raise failure
+        results = keep_best([r.result() for r in self.requests], self.body.choices, self.body.draws,
+                            logprobs_asked=True)
         choices = []
-        for r in self.requests:
+        for r in results:
+            tokens, entries, text = r.token_ids, r.logprobs, r.text
+            finish = r.finish_reason
+            if self.scores_only:
+                tokens, entries, text, finish = [], [], "", "length"
             if self.chat:
-                choice = {"index": r.index, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                          "finish_reason": r.finish_reason}
+                logprobs = chat_logprobs(entries, self.server.token_text) if self.body.logprobs else None
+                choice = {"index": r.index, "message": {"role": "assistant", "content": text},
+                          "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": r.index, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+                echo = self._echo(r)
+                logprobs = self._completion_logprobs(r.prompt_token_ids, r.prompt_logprobs, tokens, entries, 0)
+                choice = {"index": r.index, "text": echo + text, "logprobs": logprobs, "finish_reason": finish}
             if self.body.return_token_ids:
-                choice["token_ids"] = list(r.output_ids)
+                choice["token_ids"] = list(tokens)
             choices.append(choice)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.server.name,
                 "choices": choices, "usage": self.usage()}
@@ -376,29 +432,55 @@ class _Call:
 
     async def sse(self) -> AsyncIterator[str]:
         """Server-sent events: one chunk per engine event with new text (or the finish), an optional
-        usage chunk, then `data: [DONE]`."""
+        usage chunk, then `data: [DONE]`. With echo, a request's first chunk is its prompt."""
         if self.chat:
             for r in self.requests:
                 yield self._chunk([{"index": r.index, "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}])
+        offsets: dict[int, int] = {}  # completion index -> characters sent so far (text_offset)
         async for req, e in self.events():
             if e.finish_reason == "error":
                 err = APIError(500, f"generation failed: {req.error}", type="server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
                 continue
-            if not (e.text or e.finish_reason or (self.body.return_token_ids and e.token_ids)):
+            if not self.chat and self.body.echo and e.index not in offsets:
+                echo = self._echo(req)
+                offsets[e.index] = len(echo)
+                prompt_lp = self._completion_logprobs(req.prompt_ids, req.prompt_logprobs, [], [], 0)
+                yield self._chunk([{"index": e.index, "text": echo, "logprobs": prompt_lp, "finish_reason": None}])
+            text, token_ids, entries = e.text, e.token_ids, e.logprobs
+            if self.scores_only:
+                text, token_ids, entries = "", [], []
+            wants_ids = self.body.return_token_ids or (self.body.logprobs is not None and self.body.logprobs is not False)
+            if not (text or e.finish_reason or (wants_ids and token_ids)):
                 continue
             if self.chat:
-                choice = {"index": e.index, "delta": {"content": e.text} if e.text else {}, "logprobs": None,
+                logprobs = chat_logprobs(entries or [], self.server.token_text) if self.body.logprobs else None
+                choice = {"index": e.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                           "finish_reason": e.finish_reason}
             else:
-                choice = {"index": e.index, "text": e.text, "logprobs": None, "finish_reason": e.finish_reason}
+                offset = offsets.get(e.index, 0)
+                logprobs = self._completion_logprobs([], None, token_ids, entries, offset)
+                offsets[e.index] = offset + len(text)
+                choice = {"index": e.index, "text": text, "logprobs": logprobs,
+                          "finish_reason": "length" if self.scores_only and e.finish_reason else e.finish_reason}
             if self.body.return_token_ids:
-                choice["token_ids"] = e.token_ids
+                choice["token_ids"] = token_ids
             yield self._chunk([choice])
         if self.body.include_usage:
             yield self._chunk([], usage=self.usage())
         yield "data: [DONE]\n\n"
+
+
+# SamplingParams field -> the request field it comes from, for 400s that name the parameter
+_PARAM_NAMES = {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs", "top_k": "top_k", "seed": "seed",
+                "min_tokens": "min_tokens", "logit_bias": "logit_bias", "logprobs": "logprobs",
+                "stop_token_ids": "stop_token_ids", "stop": "stop"}
+
+
+def _param_of(message: str, prompt_param: str) -> str:
+    """The request field a RequestError is about (its message starts with the SamplingParams field)."""
+    return _PARAM_NAMES.get(message.split(" ", 1)[0], prompt_param)
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from zoo.engine.sampling import INT64_MAX, INT64_MIN
+from zoo.engine.sampling import INT64_MAX, INT64_MIN, MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 log = logging.getLogger("zoo.serve")
 _ignored_fields_logged: set[str] = set()
@@ -57,27 +57,23 @@ class _GenerationBody(_Body):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # extension (as vLLM): also stop at these token ids
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON keys are) -> [-100, 100]
     user: str | None = None
-    ignore_eos: bool = False  # extension: generate max_tokens tokens whatever the model says
-    return_token_ids: bool = False  # extension: each choice also carries `token_ids`
+    # extensions, as vLLM names them
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool = False  # generate max_tokens tokens whatever the model says
+    return_token_ids: bool = False  # each choice also carries `token_ids`
 
     def check_supported(self) -> None:
-        """Refuse, rather than silently ignore, what zoo does not implement."""
-        if self.n not in (None, 1):
-            raise bad_request(f"n={self.n} is not supported: this server returns one choice per prompt (n=1)",
-                              param="n", code="unsupported_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise bad_request(f"{name} is not supported (only 0 or null)", param=name,
-                                  code="unsupported_value")
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_value")
+        """Refuse, rather than silently ignore, what zoo does not implement; check what the schema cannot."""
+        self.token_bias()
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true", param="stream_options",
                               code="invalid_value")
@@ -97,28 +93,59 @@ class _GenerationBody(_Body):
             check_text(s, "stop")
         return stops
 
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with int token ids (their range is checked against the vocabulary later)."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias",
+                                  code="invalid_value")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise bad_request(f"logit_bias values must be in [-100, 100], got {value} for token {key}",
+                                  param="logit_bias", code="invalid_value")
+            bias[int(key)] = float(value)
+        return bias
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
 
 class CompletionBody(_GenerationBody):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
     echo: bool | None = None
-    best_of: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise bad_request("echo is not supported", param="echo", code="unsupported_value")
-        if self.best_of not in (None, 1):
-            raise bad_request("best_of > 1 is not supported", param="best_of", code="unsupported_value")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens must be >= 1 (0 is allowed only with echo, to score a prompt)",
+                              param="max_tokens", code="invalid_value")
+        if self.best_of is not None and self.best_of < self.choices:
+            raise bad_request(f"best_of ({self.best_of}) must be >= n ({self.choices})", param="best_of",
+                              code="invalid_value")
+        if self.stream and self.draws > self.choices:
+            raise bad_request("best_of > n cannot be streamed: the best choices are known only at the end",
+                              param="best_of", code="invalid_value")
         if self.suffix:
             raise bad_request("suffix is not supported", param="suffix", code="unsupported_value")
-        if self.logprobs is not None:
-            raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
+
+    @property
+    def draws(self) -> int:
+        """Samples generated per prompt (best_of, else n)."""
+        return self.best_of or self.choices
+
+    @property
+    def scores_only(self) -> bool:
+        """echo with max_tokens 0: the answer is the prompt (and its logprobs), nothing generated."""
+        return bool(self.echo) and self.max_tokens == 0
 
     def prompt_list(self) -> list[str | list[int]]:
         """The prompts of the request: one string / token list, or a list of them."""
@@ -160,18 +187,23 @@ class ChatCompletionBody(_GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs", code="invalid_value")
         if self.tools:
             raise bad_request("tools are not supported", param="tools", code="unsupported_value")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             raise bad_request("only response_format {\"type\": \"text\"} is supported", param="response_format",
                               code="unsupported_value")
+
+    @property
+    def draws(self) -> int:
+        return self.choices
 
     @property
     def token_limit(self) -> int | None:
