@@ -613,6 +613,14 @@ def hf_reference():
     return logprobs
 
 
+def test_models_list_shows_max_model_len(client):
+    from zoo.models import embedded_model_path, read_config
+
+    card = client.models.list().data[0]
+    assert card.id == MODEL and card.max_model_len == min(read_config(embedded_model_path()).max_position_embeddings,
+                                                          2048)
+
+
 def test_completion_logprobs_match_transformers(client, hf_reference):
     r = client.completions.create(model=MODEL, prompt="Beautiful is", max_tokens=8, temperature=0, logprobs=3,
                                   extra_body={"return_token_ids": True})

@@ -19,7 +19,8 @@ _LAZY = {
     "load": "zoo.api", "Model": "zoo.api", "TPModel": "zoo.api",
     "LoadSettings": "zoo.settings",
     "ModelConfig": "zoo.config",
-    "GenerationResult": "zoo.engine", "StreamEvent": "zoo.engine",
+    "GenerationResult": "zoo.engine", "StreamEvent": "zoo.engine", "SamplingParams": "zoo.engine",
+    "TokenLogprob": "zoo.engine",
     "Buckets": "zoo.graphs",
     "embedded_model_path": "zoo.models",
 }
@@ -38,5 +39,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["load", "Model", "TPModel", "LoadSettings", "embedded_model_path", "ModelConfig", "Buckets",
-           "GenerationResult", "StreamEvent", "ZooError", "ConfigError", "CheckpointError", "CompileConfigError",
+           "GenerationResult", "StreamEvent", "SamplingParams", "TokenLogprob", "ZooError", "ConfigError", "CheckpointError", "CompileConfigError",
            "DeviceError", "RequestError", "ChatTemplateError", "TPWorkerError", "__version__"]

@@ -2,7 +2,7 @@
 from zoo.engine.engine import Engine
 from zoo.engine.request import (GenerationResult, PrefilledKV, Request, StreamEvent, encode_prompt,
                                 stream_events)
-from zoo.engine.sampling import SamplingParams
+from zoo.engine.sampling import SamplingParams, TokenLogprob
 
 __all__ = ["Engine", "GenerationResult", "PrefilledKV", "Request", "SamplingParams", "StreamEvent",
-           "encode_prompt", "stream_events"]
+           "TokenLogprob", "encode_prompt", "stream_events"]
