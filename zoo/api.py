@@ -20,6 +20,7 @@ from zoo.config import ModelConfig
 from zoo.device import default_cache_dir, default_dtype, parse_dtype, resolve_device
 from zoo.distributed.comm import SINGLE, TPContext
 from zoo.engine import Engine, GenerationResult, Request, SamplingParams, StreamEvent, encode_prompt, stream_events
+from zoo.engine.driver import EngineDriver
 from zoo.engine.choices import check_choices, keep_best, sample_params
 from zoo.errors import ConfigError, RequestError
 from zoo.graphs import Buckets, GraphRunner, KVCache, build_runner
@@ -230,6 +231,11 @@ class Model:
         """Seed the noise of sampled requests that bring no seed of their own (tensor-parallel ranks
         share one seed so they sample identical tokens)."""
         self.engine.seed_default_generator(seed)
+
+    def driver(self) -> EngineDriver:
+        """An EngineDriver over this model's engine: submissions, aborts and one step per call, answered
+        in plain data. `python -m zoo.serve --tp N` drives each rank's engine through it."""
+        return EngineDriver(self.engine)
 
     def close(self) -> None:
         """Abort what is still running or waiting (their results say so); the model stays loadable

@@ -5,7 +5,8 @@ its object with `build(TPContext, *args)` (zoo.api passes the function that load
 The caller then works through `RemoteObject`s: an attribute or method of the rank objects is
 looked up *by name* on every rank, with the caller's own arguments, and rank 0's answer comes
 back. So a proxy never restates the object's API, and cannot drift from it. A method that
-returns an iterator (Model.stream) returns another RemoteObject, advanced on every rank alike.
+returns an iterator (Model.stream), or an object that cannot be pickled (Model.driver), returns
+another RemoteObject, advanced / called on every rank alike.
 
 Every rank runs the same calls in the same order, so their engines stay in step (the collectives
 inside each forward keep them in step too). A rank that dies or hangs past the process-group
@@ -113,9 +114,10 @@ def _serve_rank(rank: int, world_size: int, port: int, device: str, use_mc2: boo
     next_handle = 1
 
     def wrap(value):
-        """An iterator stays here (a new handle); anything else travels by value."""
+        """An iterator, or an object that cannot be pickled (e.g. one holding a lock), stays here (a
+        new handle); anything else travels by value. Every rank decides alike: same code, same types."""
         nonlocal next_handle
-        if isinstance(value, Iterator):
+        if isinstance(value, Iterator) or not _travels(value):
             objects[next_handle] = value
             next_handle += 1
             return ("handle", next_handle - 1)
@@ -157,6 +159,17 @@ def _serve_rank(rank: int, world_size: int, port: int, device: str, use_mc2: boo
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001
         pass
+
+
+def _travels(value) -> bool:
+    """Whether `value` can be sent to the caller (pickled)."""
+    if isinstance(value, (type(None), bool, int, float, str, bytes)):
+        return True
+    try:
+        pickle.dumps(value)
+    except Exception:  # noqa: BLE001 - PicklingError, TypeError, AttributeError, ...
+        return False
+    return True
 
 
 def _exit_when_orphaned(poll_s: float = 0.5) -> None:

@@ -13,8 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m zoo.serve",
                                 description="OpenAI-compatible HTTP server (completions, chat completions, "
                                             "streaming, /metrics) on zoo's continuous-batching engine.")
-    m = add_model_options(p, exclude=("tp", "use_mc2", "tp_timeout_s"),
-                          defaults={"model_path": "(here: the embedded tiny Llama)"})
+    m = add_model_options(p, defaults={"model_path": "(here: the embedded tiny Llama)"})
     m.add_argument("--warmup", nargs="?", const="all", metavar="PROMPT_LENS",
                    help="build the graphs before listening (otherwise each bucket compiles on first use): every "
                         "bucket, or only the prefill buckets of these comma-separated prompt lengths (all batch "
@@ -89,15 +88,21 @@ def main(argv: list[str] | None = None) -> int:
                               max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
                               body_timeout_s=args.body_timeout,
                               chat_template=chat_template)
-    app = create_app(model, server_settings)
+    app = create_app(model, server_settings)  # with --tp N, a TPModel: see zoo.serve.tp_engine
 
     shown = f"[{host}]" if family == socket.AF_INET6 else host
-    print(f"[zoo] serving `{server_settings.served_model_name}` (max batch {model.kv_cache.num_slots}, max_seq_len "
-          f"{model.max_seq_len})", file=sys.stderr)
+    engine = app.state.server.engine  # read here, not through a TPModel (its kv_cache would travel whole)
+    tp_note = f", tensor-parallel over {settings.tp} ranks" if settings.spawns_ranks else ""
+    print(f"[zoo] serving `{server_settings.served_model_name}` (max batch {engine.cache.num_slots}, max_seq_len "
+          f"{engine.max_seq_len}{tp_note})", file=sys.stderr)
     print(f"[zoo] listening on http://{shown}:{port}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=args.access_log, timeout_graceful_shutdown=5,
                             http=with_header_timeout(args.header_timeout))
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if settings.spawns_ranks:
+            model.close()  # stops the rank processes
     return 0
 
 
