@@ -20,6 +20,8 @@ import zoo
 from zoo.graphs import Buckets
 from zoo.distributed.comm import TPContext
 from zoo.distributed.launch import UNGUARDED_MESSAGE, run_ranks
+from zoo.engine import SamplingParams
+from zoo.engine.driver import Submission
 from zoo.errors import CheckpointError, TPWorkerError
 
 from checkpoints import build_checkpoint, to_qwen1_layout
@@ -245,6 +247,15 @@ def test_tp2_proxy_forwards_every_public_model_method(tp_checkpoints):
         assert [r.finish_reason for r in early.results] == ["error", "error"]
         assert all("closed" in r.error and len(r.token_ids) < NEW_TOKENS for r in early.results)
         assert [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)] == want
+
+        # driver: it cannot be pickled, so it stays on the ranks (a handle); each step() steps every rank
+        driver = model.driver()
+        assert driver.info().num_slots == 2
+        tokens = []
+        while len(tokens) < NEW_TOKENS:
+            submit = [[Submission(0, 0, PROMPTS[0], SamplingParams(max_new_tokens=NEW_TOKENS))]] if not tokens else []
+            tokens += [t for e in driver.step(submit, []).updates[0].events for t in e.token_ids]
+        assert tokens == want[0]
 
         # warmup, with every argument (values inside the buckets above), then with none
         buckets = model.buckets
