@@ -294,6 +294,7 @@ class _Pending:
     request: Request
     cluster_id: int
     req_id: int  # the request's id on the prompt side (the engine Request's index need not be unique)
+    submission: int | None = None  # the engine submission it joins (one per submit call, for fair admission)
 
 
 class Decoder:
@@ -317,6 +318,7 @@ class Decoder:
         self._pulled: dict[int, PulledKV] = {}  # req id -> KV pulled but not merged yet
         self._prefilled_at: dict[int, int] = {}  # req id -> cluster that prefilled it via remote_prefill
         self._round_robin = itertools.count()
+        self._submissions = itertools.count(1)  # submit_requests calls
         self._wakeup = threading.Event()  # set when a request was queued in the engine or failed
         # (request, message) a fetcher gave up on: failed by the thread that drives the engine (poll), so a
         # request never finishes under the feet of a reader of its events
@@ -517,7 +519,9 @@ class Decoder:
         whatever index their caller numbers them by): each is prefilled on a prompt cluster picked
         round robin under req_ids[i], which must be unique on that cluster while it is held there.
         LLMException(LLM_NOT_YET_LINK), nothing queued, when no cluster is linked."""
-        pending = [_Pending(r, self._pick_cluster(i, None), i) for r, i in zip(requests, req_ids, strict=True)]
+        submission = -next(self._submissions)  # negative: never one of the engine's own numbers
+        pending = [_Pending(r, self._pick_cluster(i, None), i, submission)
+                   for r, i in zip(requests, req_ids, strict=True)]
         self._hand_over(pending)
 
     def _hand_over(self, pending: list[_Pending]) -> None:
@@ -563,11 +567,13 @@ class Decoder:
                 if not request.finished:
                     self.engine.abort([request], message)
 
-    def _queue_in_engine(self, request: Request, pulled: PulledKV) -> bool:
+    def _queue_in_engine(self, request: Request, pulled: PulledKV, submission: int | None = None) -> bool:
         with self.engine.lock:  # abort() takes it too: a request cancelled meanwhile is not queued
             if request.finished:
                 return False
             self.engine.submit_prefilled(request, pulled.prefilled)
+            if submission is not None:  # the requests of one submit_requests call take turns with other calls'
+                request.submission = submission
         self._wakeup.set()
         return True
 
@@ -652,9 +658,16 @@ class _Fetcher(threading.Thread):
             self._relink_error = None
             return
         try:
+            with d._lock:
+                address = d._addresses.get(self.cluster_id)
+            if address is None:
+                return
+            # a quick probe first: a process that is down costs no link_timeout of connect retries here
+            # (a stop() of this fetcher waits for it)
+            _close_quietly(socket.create_connection(parse_address(address), timeout=min(1.0, d.timeouts.link)))
             d._link(self.cluster_id)
             self._relink_error = None
-        except Exception as e:  # noqa: BLE001 - LLMException mostly; the thread must live on
+        except Exception as e:  # noqa: BLE001 - LLMException, OSError; the thread must live on
             if self._relink_error is None:
                 d._log(f"re-linking to prompt cluster {self.cluster_id} failed (trying again every "
                        f"{d.relink_every_s:g} s): {e}")
@@ -686,7 +699,7 @@ class _Fetcher(threading.Thread):
                     return
                 d._fail(p.request, str(e))
                 continue
-            d._queue_in_engine(p.request, pulled)
+            d._queue_in_engine(p.request, pulled, p.submission)
 
     def _link_failed(self, batch: list[_Pending], error: LLMException) -> None:
         """The link broke (or could not be made): fail these requests and everything queued behind

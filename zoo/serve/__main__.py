@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 30)")
     s.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting for a KV slot beyond this get 503 (default 1024)")
+    s.add_argument("--pd-peer", action="append", default=[], metavar="[ID=]HOST:PORT",
+                   help="separated prefill/decode: prefill on this prompt process (`python -m zoo.pd --role prompt "
+                        "--listen HOST:PORT --cluster-id ID`, same model and dtype) and decode here; repeatable "
+                        "(ids default to 0, 1, ... in order), requests go round robin over the peers that are up")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     return p
@@ -44,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args, verbose=True)  # bad options are refused before torch loads
     except handled_errors() as e:
         return report(e)
+    try:
+        pd_peers = _pd_peers(args.pd_peer, settings)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import prometheus_client
     import uvicorn  # imported here so that --help works without the serve extra
 
@@ -84,6 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     except handled_errors() as e:
         sock.close()
         return report(e)
+    if pd_peers:  # this process decodes; the peers prefill (zoo.serve.pd_engine)
+        import atexit
+
+        from zoo.pd.protocol import LLMException
+        from zoo.serve.pd_engine import link_prompt_peers
+
+        try:
+            model = link_prompt_peers(model, pd_peers)
+        except LLMException as e:
+            sock.close()
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        atexit.register(model.close)  # unlink (a KV process group left open would abort the exit)
+        print(f"[zoo] prefilling on prompt processes {model.peers}", file=sys.stderr)
     server_settings = ServerSettings(served_model_name=args.served_model_name or default_model_name(model),
                               max_body_bytes=args.max_body_bytes, max_queued_requests=args.max_queued_requests,
                               body_timeout_s=args.body_timeout,
@@ -104,6 +127,24 @@ def main(argv: list[str] | None = None) -> int:
         if settings.spawns_ranks:
             model.close()  # stops the rank processes
     return 0
+
+
+def _pd_peers(peers: list[str], settings) -> dict[int, str]:
+    """--pd-peer options -> {prompt cluster id: 'host:port'}, checked before torch loads (ValueError)."""
+    out: dict[int, str] = {}
+    for i, peer in enumerate(peers):
+        cid, sep, address = peer.rpartition("=")
+        host, colon, port = address.rpartition(":")
+        if (sep and not cid.isdigit()) or not colon or not host.strip("[]") or not port.isdigit() \
+                or not 0 < int(port) < 65536:
+            raise ValueError(f"--pd-peer expects [ID=]HOST:PORT, got {peer!r}")
+        cluster_id = int(cid) if sep else i
+        if cluster_id in out:
+            raise ValueError(f"--pd-peer: prompt cluster id {cluster_id} is given twice")
+        out[cluster_id] = address
+    if out and settings.spawns_ranks:
+        raise ValueError("--pd-peer and --tp cannot be combined: the decoder runs in one process")
+    return out
 
 
 if __name__ == "__main__":
