@@ -184,3 +184,12 @@ def test_a_prompt_process_killed_mid_request_fails_only_its_requests(pd_server, 
         except openai.InternalServerError as e:
             assert "prompt cluster 0" in e.message
     assert answers and answers[-1] == expected
+
+
+@pytest.mark.parametrize("peers, message", [(["localhost"], "expects [ID=]HOST:PORT, got 'localhost'"),
+                                            (["1=a:1", "1=b:2"], "prompt cluster id 1 is given twice")])
+def test_bad_pd_peers_are_refused_before_loading(peers, message):
+    args = [a for p in peers for a in ("--pd-peer", p)]
+    out = subprocess.run([sys.executable, "-m", "zoo.serve", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and message in out.stderr and "loaded" not in out.stderr
