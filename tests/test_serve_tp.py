@@ -138,6 +138,17 @@ def test_tp_server_gives_the_colocated_servers_tokens(colocated_client, tp_clien
     assert tp == _answers(colocated_client)
     assert tp[0][1].startswith(" better than ugly.") and tp[-1] == (" better than ugly.", "stop")
 
+    # n samples and logprobs with prompt logprobs (echo): new Request fields travel to the shadows as they are
+    def with_logprobs(c):
+        r = c.completions.create(model=MODEL, prompt="Flat is", max_tokens=6, temperature=1.0, seed=3, n=2,
+                                 logprobs=2, echo=True)
+        return [(ch.text, ch.logprobs.tokens, ch.logprobs.token_logprobs) for ch in r.choices]
+
+    mine, ref = with_logprobs(tp_client), with_logprobs(colocated_client)
+    assert [m[:2] for m in mine] == [r[:2] for r in ref] and len(mine) == 2
+    for m, r in zip(mine, ref):
+        assert m[2][0] is None and m[2][1:] == pytest.approx(r[2][1:], abs=1e-4)  # float rounding of the shards
+
 
 def test_tp_concurrent_requests_are_batched(tp_server, tp_client, colocated_client):
     def complete(c, prompt: str):
