@@ -1,6 +1,6 @@
 """What the sampling options cost per output token, next to plain greedy decoding.
 
-Loads the medium random-weight Llama (~1 B parameters, bf16, vocabulary 128256: built once by
+Loads the medium random-weight Llama (~1 B parameters, bf16, vocabulary 32000; built once by
 benches/_models.py) and decodes the same prompts with each sampling variant, interleaved, several
 rounds; prints the median time per output token of each and its ratio to greedy. The options run
 in the engine after the decode graph (zoo/engine/sampling.py), so eager decoding shows their cost
