@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,10 +20,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from servers import start_server, stop_process  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "tiny-llama"
-START_TIMEOUT_S = 90
 STALL_TIMEOUT_S = 2  # the server's --header-timeout and --body-timeout in this module
 ZEN = ["Beautiful is", "Explicit is", "Simple is", "Complex is", "Flat is", "Sparse is", "Readability",
        "Special cases", "Although practicality", "Errors should", "Unless explicitly", "In the face of",
@@ -39,42 +34,14 @@ ZEN = ["Beautiful is", "Explicit is", "Simple is", "Complex is", "Flat is", "Spa
 def server(tmp_path_factory):
     """Base URL of a `python -m zoo.serve --port 0` process (default host), stopped afterwards."""
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.serve", "--port", "0", "--max-batch-size", "8",
-                                 "--header-timeout", str(STALL_TIMEOUT_S), "--body-timeout", str(STALL_TIMEOUT_S)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, url = start_server(["--max-batch-size", "8", "--header-timeout", str(STALL_TIMEOUT_S),
+                              "--body-timeout", str(STALL_TIMEOUT_S)], log_path)
     try:
-        url = _wait_until_listening(proc, log_path)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
     log_text = log_path.read_text()
     assert "Traceback" not in log_text, log_text[-4000:]
-
-
-def _wait_until_listening(proc, log_path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    url = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        if url is None:
-            m = re.search(r"\[zoo\] listening on (http://\S+)", log_path.read_text())
-            url = m.group(1) if m else None
-        if url is not None:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-        time.sleep(0.1)
-    pytest.fail(f"the server did not come up in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ zoo.load model, in-process). Every wait is bounded; the processes are stopped at
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -21,7 +20,8 @@ pytest.importorskip("fastapi")
 
 import zoo  # noqa: E402
 from test_pd import MAX_SEQ, PromptProcess  # noqa: E402
-from test_serve import MODEL, ROOT, _wait_until_listening  # noqa: E402
+from servers import ROOT, start_server, stop_process  # noqa: E402
+from test_serve import MODEL  # noqa: E402
 
 SLOTS = 4
 PROMPTS = ["Beautiful is", "Flat is", "Simple is better than"]
@@ -47,22 +47,14 @@ def pd_server(peers, tmp_path_factory):
     """Base URL of `python -m zoo.serve --pd-peer A --pd-peer B`, and its log path."""
     _, procs = peers
     log_path = tmp_path_factory.mktemp("serve-pd-log") / "server.log"
-    cmd = [sys.executable, "-m", "zoo.serve", "--port", "0", "--max-batch-size", str(SLOTS), "--max-seq-len",
-           str(MAX_SEQ), "--threads", "1"]
+    args = ["--max-batch-size", str(SLOTS), "--max-seq-len", str(MAX_SEQ), "--threads", "1"]
     for p in procs:
-        cmd += ["--pd-peer", p.address]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=log,
-                                stderr=subprocess.STDOUT)
+        args += ["--pd-peer", p.address]
+    proc, url = start_server(args, log_path)
     try:
-        yield _wait_until_listening(proc, log_path), log_path
+        yield url, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
     log_text = log_path.read_text()
     assert "Traceback" not in log_text, log_text[-4000:]
 

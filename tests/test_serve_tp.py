@@ -12,8 +12,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,8 +21,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 # `server`: test_serve's fixture, the colocated (tp=1) server of the same checkpoint
-from test_serve import (LONG, MODEL, ROOT, ZEN, _wait_until_listening, metrics, post, server,  # noqa: E402,F401
-                        wait_for)
+from servers import process_running, start_server, stop_process  # noqa: E402
+from test_serve import LONG, MODEL, ZEN, metrics, post, server, wait_for  # noqa: E402,F401
 
 import zoo  # noqa: E402
 from zoo.engine import SamplingParams, stream_events  # noqa: E402
@@ -36,21 +34,8 @@ HANG_TIMEOUT_S = 2  # --tp-timeout of the server whose rank hangs
 
 def _start(tmp_path_factory, name: str, *extra: str):
     log_path = tmp_path_factory.mktemp(name) / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.serve", "--tp", "2", "--threads", "1", "--port", "0",
-                                 "--max-batch-size", "8", *extra], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-    return proc, log_path, _wait_until_listening(proc, log_path)
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
+    proc, url = start_server(["--tp", "2", "--threads", "1", "--max-batch-size", "8", *extra], log_path)
+    return proc, log_path, url
 
 
 def _rank_pids(server_pid: int) -> list[int]:
@@ -70,15 +55,6 @@ def _rank_pids(server_pid: int) -> list[int]:
     return ranks
 
 
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie waiting to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory):
     """Base URL of `python -m zoo.serve --tp 2`; its log must hold no traceback at the end."""
@@ -86,7 +62,7 @@ def tp_server(tmp_path_factory):
     try:
         yield url
     finally:
-        _stop(proc)
+        stop_process(proc, timeout_s=20)
     text = log_path.read_text()
     assert "Traceback" not in text, text[-4000:]
     assert "tensor-parallel over 2 ranks" in text
@@ -223,14 +199,14 @@ def test_a_hung_rank_fails_the_request_and_health_says_so(tmp_path_factory):
         assert "tensor-parallel rank" in health.json()["error"]
         later = post(url, "/v1/completions", {"prompt": "Flat is", "max_tokens": 2})
         assert later.status_code == 503 and later.json()["error"]["type"] == "server_error"
-        wait_for(lambda: not any(_running(p) for p in ranks), timeout_s=20, what="the ranks to be stopped")
+        wait_for(lambda: not any(process_running(p) for p in ranks), timeout_s=20, what="the ranks to be stopped")
     finally:
         for pid in ranks:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        _stop(proc)
+        stop_process(proc, timeout_s=20)
     assert "tensor-parallel ranks failed" in log_path.read_text()
 
 
@@ -246,7 +222,7 @@ def test_a_rank_that_dies_while_idle_shows_on_health(tmp_path_factory):
         later = post(url, "/v1/completions", {"prompt": "Flat is", "max_tokens": 2})
         assert later.status_code == 503 and "rank 0 is gone" in later.json()["error"]["message"]
     finally:
-        _stop(proc)
+        stop_process(proc, timeout_s=20)
 
 
 # ---- in-process: the shadows mirror an engine's requests ---------------------------------------------

@@ -25,20 +25,12 @@ from zoo.engine.driver import Submission
 from zoo.errors import CheckpointError, TPWorkerError
 
 from checkpoints import build_checkpoint, to_qwen1_layout
+from servers import process_running
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[5, 17, 33, 2, 250, 9, 11], [100, 7, 3]]
 STEPS = 6  # decode steps whose logits are compared
 NEW_TOKENS = 10
-
-
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie waiting to be reaped (Linux /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _logits_and_tokens(model) -> tuple[torch.Tensor, list[list[int]]]:
@@ -186,7 +178,7 @@ def test_zoo_load_tp2_proxy_generate_stream_errors_and_a_killed_rank(tp_checkpoi
         with pytest.raises(TPWorkerError, match="rank"):
             model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
         assert time.monotonic() - start < 30
-        assert not any(_running(pid) for pid in model.rank_pids)
+        assert not any(process_running(pid) for pid in model.rank_pids)
         with pytest.raises(TPWorkerError, match="closed"):
             model.generate(PROMPTS[0])
     finally:
@@ -268,7 +260,7 @@ def test_tp2_proxy_forwards_every_public_model_method(tp_checkpoints):
         # close: the ranks stop; every later call says the model is closed
         model.close()
         assert model.closed
-        assert not any(_running(pid) for pid in model.rank_pids)
+        assert not any(process_running(pid) for pid in model.rank_pids)
         with pytest.raises(TPWorkerError, match="closed"):
             model.generate(PROMPTS[0])
         with pytest.raises(TPWorkerError, match="closed"):
@@ -289,11 +281,11 @@ def test_a_hung_rank_fails_the_call_within_the_process_group_timeout(tp_checkpoi
         with pytest.raises(TPWorkerError, match="rank 1"):  # the hung rank is the one named
             model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
         assert time.monotonic() - start < 5 + 15
-        assert not any(_running(pid) for pid in model.rank_pids)
+        assert not any(process_running(pid) for pid in model.rank_pids)
     finally:
         # if the call above hung (and pytest-timeout stopped it), close() must not wait on the stopped rank too
         for pid in model.rank_pids:
-            if _running(pid):
+            if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(TPWorkerError):
             model.close()
@@ -440,17 +432,17 @@ def test_ranks_stop_within_seconds_when_the_caller_is_killed(checkpoint, tmp_pat
         assert line.startswith("PIDS"), line
         pids = [int(p) for p in line.split()[1:]]
         time.sleep(1.0)  # inside generate() now
-        assert all(_running(p) for p in pids)
+        assert all(process_running(p) for p in pids)
         caller.kill()  # SIGKILL: no atexit, no close(): only the ranks' own watch can stop them
         caller.wait(timeout=10)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_running(p) for p in pids):
+        while time.monotonic() < deadline and any(process_running(p) for p in pids):
             time.sleep(0.1)
-        left = [p for p in pids if _running(p)]
+        left = [p for p in pids if process_running(p)]
         assert not left, f"ranks {left} still run 10 s after their caller died"
     finally:
         if caller.poll() is None:
             caller.kill()
         for pid in pids if "pids" in locals() else []:
-            if _running(pid):
+            if process_running(pid):
                 os.kill(pid, signal.SIGKILL)
