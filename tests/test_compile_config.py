@@ -57,6 +57,9 @@ def test_buckets_are_cut_at_and_extended_to_the_maxima(tmp_path):
     ("[torchair]\nfrozen_parameter = 1\n", r"\[torchair\] torchair option 'frozen_parameter' must be bool"),
     ("[torchair]\nmode = 'max-autotune'\nstatic_kernel_compile = true\n", r"only takes effect with mode"),
     ("graph_cache = 'yes'\n", r"key 'graph_cache' must be true or false"),
+    ("regional = 1\n", r"key 'regional' must be true or false"),
+    ("backend = 'torchair'\nregional = true\n", r"key 'regional' is an inductor option"),
+    ("regional = true\n[inductor.bfloat16]\ncpp_wrapper = true\n", r"key 'regional' cannot be combined with"),
     ("backend = \n", r"not valid TOML"),
 ])
 def test_bad_configs_name_the_key_and_the_file(tmp_path, text, message):

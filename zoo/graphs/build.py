@@ -18,6 +18,7 @@ import torch
 import torch._dynamo
 
 from zoo.distributed.comm import TPContext
+from zoo.errors import CompileConfigError
 from zoo.graphs.buckets import Buckets
 from zoo.graphs.cache import GraphCache, cache_key_fields
 from zoo.graphs.compile_config import CompileConfig
@@ -44,7 +45,12 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
                          "(torchair is for npu, inductor for cpu/cuda)")
     if backend == "inductor":
         options = {**compile_config.inductor_options(dtype), **(inductor_options or {})}
-        fingerprint = {"backend": "inductor", "options": options}
+        if compile_config.regional and options.get("cpp_wrapper"):
+            raise CompileConfigError(f"{compile_config.source}: regional = true cannot run with cpp_wrapper "
+                                     "(inductor has no C++ wrapper code for nested compile regions); drop the "
+                                     "cpp_wrapper inductor option")
+        fingerprint = {"backend": "inductor", "options": options, "regional": compile_config.regional}
+        module.use_regional_compile(compile_config.regional)
     else:
         from zoo.backends import npu
 
@@ -54,7 +60,7 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
         fingerprint = {"backend": "torchair", "options": options, "torch_npu": torch_npu.__version__}
     if tp.enabled:
         fingerprint["tp"] = tp.fingerprint()  # each rank compiles (and caches) its own shard's graphs
-    description = f"{backend}, options {options}"
+    description = f"{backend}, options {options}" + (", regional (one layer compiled)" if compile_config.regional else "")
 
     graph_cache = None
     if compile_config.graph_cache:

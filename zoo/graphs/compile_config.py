@@ -7,6 +7,10 @@ the model registry names each architecture's file stem);
     backend = "inductor"            # inductor (cpu, cuda) | torchair (npu)
     mode = "default"                # inductor: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     graph_cache = true              # keep compiled graphs on disk (zoo.graphs.cache)
+    regional = false                # inductor: trace and compile one decoder layer per bucket, reused for
+                                    # every layer (torch.compiler.nested_compile_region): compile time
+                                    # independent of depth. Not with cpp_wrapper (inductor has no C++
+                                    # wrapper code for nested regions in torch 2.13)
 
     [buckets]                       # optional; cut at / extended to max_batch_size and max_seq_len
     batch_sizes = [1, 2, 4, 8]
@@ -42,7 +46,7 @@ from zoo.graphs.buckets import Buckets
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 BACKENDS = ("inductor", "torchair")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-_TOP_LEVEL = {"backend", "mode", "graph_cache", "buckets", "inductor", "torchair"}
+_TOP_LEVEL = {"backend", "mode", "graph_cache", "regional", "buckets", "inductor", "torchair"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class CompileConfig:
     backend: str = "inductor"
     mode: str = "default"
     graph_cache: bool = True
+    regional: bool = False  # one compiled decoder layer reused for every layer (see the module docstring)
     batch_sizes: tuple[int, ...] | None = None
     prefill_lens: tuple[int, ...] | None = None
     context_lens: tuple[int, ...] | None = None
@@ -113,6 +118,11 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
     graph_cache = raw.get("graph_cache", True)
     if not isinstance(graph_cache, bool):
         fail("graph_cache", f"must be true or false, got {graph_cache!r}")
+    regional = raw.get("regional", False)
+    if not isinstance(regional, bool):
+        fail("regional", f"must be true or false, got {regional!r}")
+    if regional and backend != "inductor":
+        fail("regional", "is an inductor option (torchair compiles the whole graph)")
 
     buckets = raw.get("buckets", {})
     if not isinstance(buckets, dict):
@@ -131,6 +141,9 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
         # has not run on hardware): Ascend decode attends over the whole cache
         fail("buckets.context_lens", "is not supported by the torchair backend")
     inductor, by_dtype = _parse_inductor(raw.get("inductor", {}), fail)
+    if regional and any(options.get("cpp_wrapper") for options in [inductor, *by_dtype.values()]):
+        fail("regional", "cannot be combined with [inductor] cpp_wrapper = true: inductor's C++ wrapper "
+                         "has no code for nested compile regions (torch 2.13); drop one of them")
     torchair = raw.get("torchair", {})
     if not isinstance(torchair, dict):
         fail("torchair", "must be a table")
@@ -139,8 +152,8 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
     except ValueError as e:
         raise CompileConfigError(f"{source}: [torchair] {e}") from None
 
-    return CompileConfig(source, backend, mode, graph_cache, sizes.get("batch_sizes"), sizes.get("prefill_lens"),
-                         sizes.get("context_lens"), inductor, by_dtype, torchair)
+    return CompileConfig(source, backend, mode, graph_cache, regional, sizes.get("batch_sizes"),
+                         sizes.get("prefill_lens"), sizes.get("context_lens"), inductor, by_dtype, torchair)
 
 
 def _parse_inductor(table, fail) -> tuple[dict, dict]:

@@ -35,17 +35,25 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+# The decoder layer as one compile region: torch.compile traces and compiles it once per input shape
+# and stamps the same code out for every layer (a no-op outside torch.compile). LlamaModel uses it
+# when `regional_compile` is set (compile config `regional = true`).
+_layer_region = torch.compiler.nested_compile_region(LlamaDecoderLayer.forward)
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPContext):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.regional_compile = False  # compile one layer and reuse it for all (see _layer_region)
 
     def forward(self, input_ids, meta, k_caches, v_caches):  # [B, S] -> [B, S, D] (before final norm)
         h = self.embed_tokens(input_ids)
+        run_layer = _layer_region if self.regional_compile else LlamaDecoderLayer.__call__
         for layer, k_cache, v_cache in zip(self.layers, k_caches, v_caches):
-            h = layer(h, meta, k_cache, v_cache)
+            h = run_layer(layer, h, meta, k_cache, v_cache)
         return h
 
 
@@ -97,6 +105,11 @@ class LlamaForCausalLM(nn.Module):
         """Use a device backend's KV-write / attention kernels in every layer (zoo.layers.ops)."""
         for layer in self.model.layers:
             layer.self_attn.ops = ops
+
+    def use_regional_compile(self, on: bool) -> None:
+        """Under torch.compile, trace and compile one decoder layer and reuse it for every layer
+        (compile time independent of depth) instead of one graph of the whole stack."""
+        self.model.regional_compile = on
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
