@@ -89,3 +89,30 @@ def test_regional_compile_matches_eager_without_recompiles(checkpoint, tmp_path,
             got = regional.generate(prompts, max_new_tokens=24)
             assert [g.token_ids for g in got] == [w.token_ids for w in eager.generate(prompts, max_new_tokens=24)]
     assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_compile_in_background_answers_at_once_with_eager_tokens(checkpoint, tmp_path, models):
+    """compile_in_background: the first request runs eagerly while the graphs build in a background
+    thread, with eager's tokens; once every graph is ready, calls replay them without recompiling."""
+    _, eager = models
+    buckets = Buckets(batch_sizes=(1, 2), prefill_lens=(32, 64), context_lens=(64,))
+    model = zoo.load(checkpoint("llama3_gqa"), max_batch_size=2, max_seq_len=64, buckets=buckets, compiled=True,
+                     compile_in_background=True, cache_dir=str(tmp_path / "graphs"))
+    runner = model.engine.runner
+    first = [g.token_ids for g in model.generate(MIXES[1], max_new_tokens=24)]  # right away
+    assert runner.eager_calls > 0  # answered before its graphs were ready
+    want = [w.token_ids for w in eager.generate(MIXES[1], max_new_tokens=24)]
+    assert first == want
+    assert runner.wait_for_background_compile(timeout_s=600)
+    assert runner.graphs_ready == runner.graphs_total == 6
+    eager_calls, graphs_before = runner.eager_calls, counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert [g.token_ids for g in model.generate(MIXES[1], max_new_tokens=24)] == want
+    assert runner.eager_calls == eager_calls and counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_compile_in_background_needs_torch_compile():
+    with pytest.raises(ValueError, match="compile_in_background needs compiled=True"):
+        zoo.load(compile_in_background=True)
+    with pytest.raises(ValueError, match="does not run with tensor parallelism"):
+        zoo.load(compiled=True, compile_in_background=True, tp=2)

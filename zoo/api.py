@@ -101,6 +101,8 @@ def load_rank(settings: LoadSettings, tp: TPContext) -> "Model":
                           dtype=plan.dtype, device=plan.device, cache_dir=settings.cache_dir or default_cache_dir(),
                           tp=tp)
     runner.log_compiles = tp.rank == 0  # one log line per compile, not one per rank
+    if settings.compile_in_background:
+        runner.compile_in_background()  # buckets run eagerly until their graph is ready
     engine = Engine(runner, cache, tokenizer, _eos_token_ids(config, tokenizer, path), plan.max_seq_len,
                     config.vocab_size)
     model = Model(config, module, tokenizer, engine, plan.device, plan.dtype, path)

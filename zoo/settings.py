@@ -40,6 +40,11 @@ class LoadSettings:
         "--compiled", nargs="?", const=True, metavar="EXPORT_DIR",
         help="run prefill/decode as compiled graphs: torch.compile'd per shape bucket (cached on disk), or, given "
              "EXPORT_DIR, the AOTInductor graphs `python -m zoo.export` wrote there"))
+    compile_in_background: bool = field(default=False, metadata=_cli(
+        "--compile-in-background", action="store_true",
+        help="with --compiled (torch.compile): build every bucket's graph in a background thread and run a "
+             "bucket eagerly until its graph is ready, so requests are answered from the start (python -m "
+             "zoo.serve --compiled does this unless --warmup is given)"))
     max_batch_size: int | None = field(default=None, metadata=_cli(
         "--max-batch-size", type=int, help="KV-cache slots = most requests decoding at once (default 8, or the "
                                            "export's)"))
@@ -111,6 +116,11 @@ class LoadSettings:
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
         if not isinstance(self.compiled, (bool, str)):
             raise ValueError(f"compiled must be True, False or an export folder, got {self.compiled!r}")
+        if self.compile_in_background and self.compiled is not True:
+            raise ValueError("compile_in_background needs compiled=True (torch.compile); an export is loaded whole")
+        if self.compile_in_background and self.tp_size > 1:
+            raise ValueError("compile_in_background does not run with tensor parallelism (tp > 1): every rank "
+                             "must run the same graphs at each step")
         if self.tp_size > 1 and self.exported:
             raise ValueError("tensor parallelism (tp > 1) does not run AOTInductor exports (compiled=DIR)")
         if self.tp_timeout_s is not None and not self.tp_timeout_s > 0:

@@ -84,6 +84,10 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
 
 
 def _allow_one_graph_per_bucket(buckets: Buckets) -> None:
-    """Every bucket is one more cache entry on the same code object; allow them all."""
+    """Every bucket is one more cache entry on the same code object (LlamaForCausalLM.prefill /
+    decode, shared by every model of the family in this process); allow this model's on top of
+    what the models built before it hold."""
     n_graphs = len(buckets.batch_sizes) * (len(buckets.prefill_lens) + max(1, len(buckets.context_lens)))
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n_graphs + 2)
+    config = torch._dynamo.config
+    config.recompile_limit += n_graphs
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, config.recompile_limit)

@@ -8,6 +8,7 @@ requests inside the warmed buckets replays existing graphs: no recompiles, no gr
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import torch
@@ -24,7 +25,9 @@ class GraphRunner:
     def __init__(self, prefill_fn, decode_fn, cache: KVCache, buckets: Buckets, compiled: bool,
                  description: str = "eager", graph_cache=None, module: torch.nn.Module | None = None):
         self._prefill, self._decode = prefill_fn, decode_fn
-        self.module = module  # the eager model: prompt logprobs run on it (see prompt_hidden)
+        self.module = module  # the eager model: prompt logprobs, and buckets not compiled yet, run on it
+        self._background: threading.Thread | None = None  # compiles every bucket (compile_in_background)
+        self.eager_calls = 0  # calls that ran eagerly because their graph was still being compiled
         self.cache, self.buckets, self.compiled = cache, buckets, compiled
         self.description = description  # backend and options, shown when a graph compiles
         self.graph_cache = graph_cache  # zoo.graphs.cache.GraphCache or None
@@ -39,9 +42,76 @@ class GraphRunner:
     def compile_seconds(self) -> float:
         return sum(self.first_call_seconds.values()) if self.compiled else 0.0
 
+    @property
+    def graphs_total(self) -> int:
+        """Graphs of every bucket (batch sizes x (prefill lengths + decode contexts))."""
+        b = self.buckets
+        return len(b.batch_sizes) * (len(b.prefill_lens) + max(1, len(b.context_lens)))
+
+    @property
+    def graphs_ready(self) -> int:
+        return len(self.first_call_seconds)
+
+    @property
+    def compiling_in_background(self) -> bool:
+        return self._background is not None and self._background.is_alive()
+
+    def compile_in_background(self) -> None:
+        """Compile every bucket's graph in a background thread; until a bucket's graph is ready, its
+        calls run eagerly on the model (the same tokens: compiled matches eager), so a server answers
+        from its first second. Only for compiled runners with the eager model at hand."""
+        if not self.compiled or self.module is None or self._background is not None:
+            return
+        # torch's dynamo and inductor configs are per thread: the compiling thread takes this one's
+        configs = {module: module.get_config_copy() for module in (torch._dynamo.config, torch._inductor.config)}
+        self._background = threading.Thread(target=self._compile_all, args=(configs,), name="zoo-compile",
+                                            daemon=True)
+        self._background.start()
+
+    def _compile_all(self, configs: dict) -> None:
+        with contextlib.ExitStack() as stack:
+            for module, values in configs.items():
+                here = module.get_config_copy()
+                stack.enter_context(module.patch({k: v for k, v in values.items() if here.get(k) != v}))
+            self._compile_every_bucket()
+
+    def _compile_every_bucket(self) -> None:
+        # decode first (every request needs it at every step), small shapes first
+        b = self.buckets
+        todo = [("decode", B, L) if L else ("decode", B) for B in b.batch_sizes for L in (b.context_lens or (None,))]
+        todo += [("prefill", B, S) for S in b.prefill_lens for B in b.batch_sizes]
+        for key in todo:
+            try:
+                self._build(key)
+            except Exception as e:  # noqa: BLE001 - that bucket keeps running eagerly; the log says why
+                log(f"background compile of {key} failed; it keeps running eagerly: {type(e).__name__}: {e}")
+        log(f"background compile done: {self.graphs_ready} of {self.graphs_total} graphs ready")
+
+    def _build(self, key: tuple) -> None:
+        """Build one bucket's graph with scratch inputs (writing only to scratch cache space)."""
+        if key in self.first_call_seconds:
+            return
+        with torch.no_grad():
+            if key[0] == "prefill":
+                self._timed_first_call(key, self._prefill, *self.cache.scratch_prefill_inputs(key[1], key[2]))
+            else:
+                input_ids, positions, k, v = self.cache.scratch_decode_inputs(key[1])
+                kwargs = {"context_len": key[2]} if len(key) > 2 else {}
+                self._timed_first_call(key, self._decode, input_ids, positions, k, v, **kwargs)
+
+    def wait_for_background_compile(self, timeout_s: float | None = None) -> bool:
+        """Wait until the background compile is done; True when it is (or none ran)."""
+        if self._background is not None:
+            self._background.join(timeout_s)
+        return not self.compiling_in_background
+
     def _timed_first_call(self, key: tuple, fn, *args, **kwargs):
         if key in self.first_call_seconds:
             return fn(*args, **kwargs)
+        if self.compiling_in_background and threading.current_thread() is not self._background:
+            self.eager_calls += 1  # its graph is not ready yet: run it eagerly meanwhile
+            eager = self.module.prefill if key[0] == "prefill" else self.module.decode
+            return eager(*args, **kwargs)
         what = {"prefill": "length", "decode": "context"}[key[0]]
         name = f"{key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else "")
         cached = self.graph_cache is not None and self.graph_cache.has(name)
@@ -52,7 +122,8 @@ class GraphRunner:
             out = fn(*args, **kwargs)
         self.first_call_seconds[key] = time.perf_counter() - start
         if self.compiled and self.log_compiles:
-            log(f"  ... {self.first_call_seconds[key]:.1f} s")
+            ready = f" ({self.graphs_ready} of {self.graphs_total} graphs ready)" if self._background else ""
+            log(f"  ... {self.first_call_seconds[key]:.1f} s{ready}")
         return out
 
     @torch.no_grad()
@@ -103,6 +174,7 @@ class GraphRunner:
     def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True, context_lens=None) -> None:
         """Build (compile) the graphs for these buckets now, writing only to scratch cache space.
         context_lens: the decode context buckets to build (default: all)."""
+        self.wait_for_background_compile()  # (it builds every bucket)
         batch_sizes = batch_sizes or self.buckets.batch_sizes
         prefill_lens = self.buckets.prefill_lens if prefill_lens is None else prefill_lens
         contexts = self.buckets.context_lens if context_lens is None else context_lens

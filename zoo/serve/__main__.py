@@ -15,9 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "streaming, /metrics) on zoo's continuous-batching engine.")
     m = add_model_options(p, defaults={"model_path": "(here: the embedded tiny Llama)"})
     m.add_argument("--warmup", nargs="?", const="all", metavar="PROMPT_LENS",
-                   help="build the graphs before listening (otherwise each bucket compiles on first use): every "
-                        "bucket, or only the prefill buckets of these comma-separated prompt lengths (all batch "
-                        "sizes), e.g. --warmup 32,128")
+                   help="build the graphs before listening: every bucket, or only the prefill buckets of these "
+                        "comma-separated prompt lengths (all batch sizes), e.g. --warmup 32,128. Without it, "
+                        "--compiled builds every bucket in the background and runs a bucket eagerly until its graph "
+                        "is ready (with --tp: each bucket compiles on first use)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0: any free one; the line '[zoo] listening on "
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args, verbose=True)  # bad options are refused before torch loads
     except handled_errors() as e:
         return report(e)
+    if settings.compiled is True and not args.warmup and settings.tp_size == 1:
+        # answer from the first second: buckets run eagerly until their graph is built in the background
+        settings = settings.replace(compile_in_background=True)
     try:
         pd_peers = _pd_peers(args.pd_peer, settings)
     except ValueError as e:

@@ -42,6 +42,10 @@ class Metrics:
                                          "Requests that got a new token in one engine step (continuous batching)",
                                          buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256),
                                          registry=r)
+        self.graphs_ready = Gauge("zoo_graphs_ready", "Compiled graphs built so far (buckets not built yet run "
+                                  "eagerly while --compiled compiles in the background)", registry=r)
+        self.graphs_total = Gauge("zoo_graphs_total", "Graphs of every shape bucket (0: eager, no graphs)",
+                                  registry=r)
         info = Gauge("zoo_model_info", "The served model (value is always 1)", ["model"], registry=r)
         info.labels(model=model_name).set(1)
 
@@ -53,6 +57,10 @@ class Metrics:
         self.waiting.set_function(engine_loop.queued)
         self.peak_running.set_function(lambda: engine_loop.peak_running)
         self.kv_usage.set_function(lambda: engine_loop.running() / slots)
+        runner = getattr(engine_loop.engine, "runner", None)  # a local engine's (not the TP / PD stand-ins)
+        if runner is not None and runner.compiled:
+            self.graphs_ready.set_function(lambda: runner.graphs_ready)
+            self.graphs_total.set(runner.graphs_total)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
