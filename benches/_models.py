@@ -93,6 +93,53 @@ def ensure_medium_llama(root: str | None = None) -> str:
     return path
 
 
+# The public configs of two small real models (config.json fields as published), for measurements at
+# real sizes with random weights. num_hidden_layers may be overridden (compile time vs depth).
+PUBLIC_CONFIGS = {
+    "qwen2.5-0.5b": ("Qwen2ForCausalLM", {
+        "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "intermediate_size": 4864, "vocab_size": 151936, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False,
+        "bos_token_id": 151643, "eos_token_id": 151643}),
+    "llama-3.2-1b": ("LlamaForCausalLM", {
+        "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256, "max_position_embeddings": 131072,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "bos_token_id": 128000, "eos_token_id": 128001}),
+}
+
+
+def ensure_public_config_model(name: str, num_layers: int | None = None, root: str | None = None) -> str:
+    """Path of a random-weight bf16 checkpoint with the public config `name` (PUBLIC_CONFIGS), with
+    `num_layers` decoder layers if given; built once (transformers, no network)."""
+    import torch
+    import transformers
+
+    architecture, fields = PUBLIC_CONFIGS[name]
+    fields = {**fields, **({"num_hidden_layers": num_layers} if num_layers else {})}
+    spec = {"architecture": architecture, "config": fields, "seed": MEDIUM_SEED, "dtype": "bfloat16", "format": 1}
+    path = os.path.join(root or bench_models_dir(), f"{name}-{fields['num_hidden_layers']}l")
+    if _complete(path, spec):
+        return path
+    _log(f"building a random-weight {name} ({fields['num_hidden_layers']} layers) in {path} (once)")
+    model_cls = getattr(transformers, architecture)
+    config = model_cls.config_class(**fields)
+    config.architectures = [architecture]
+    torch.manual_seed(MEDIUM_SEED)
+    model = model_cls._from_config(config, dtype=torch.bfloat16)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="10GB")
+    with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    del model
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path
+
+
 def resolve_models(names: list[str], model_paths: list[str], medium_dtypes: list[str],
                    dtypes: list[str] | None) -> list[ModelSpec]:
     """--models names (+ --model-path folders) -> specs with the dtypes each one runs in."""
