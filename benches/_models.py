@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -125,7 +126,7 @@ def ensure_public_config_model(name: str, num_layers: int | None = None, root: s
         return path
     _log(f"building a random-weight {name} ({fields['num_hidden_layers']} layers) in {path} (once)")
     model_cls = getattr(transformers, architecture)
-    config = model_cls.config_class(**fields)
+    config = model_cls.config_class(**copy.deepcopy(fields))  # (transformers edits rope_scaling in place)
     config.architectures = [architecture]
     torch.manual_seed(MEDIUM_SEED)
     model = model_cls._from_config(config, dtype=torch.bfloat16)
