@@ -68,7 +68,6 @@ def _complete(path: str, spec: dict) -> bool:
 
 def ensure_medium_llama(root: str | None = None) -> str:
     """Path of the random-weight ~1 B Llama, building it (about 20-30 s, ~1.9 GB) only if missing."""
-    import torch
 
     spec = {"config": MEDIUM_LLAMA, "seed": MEDIUM_SEED, "dtype": "bfloat16", "format": 1}
     path = os.path.join(root or bench_models_dir(), "medium-llama-1b")
@@ -80,8 +79,18 @@ def ensure_medium_llama(root: str | None = None) -> str:
     t0 = time.perf_counter()
     config = LlamaConfig(**MEDIUM_LLAMA, bos_token_id=1, eos_token_id=2)
     config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(MEDIUM_SEED)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)  # random init (std 0.02)
+    _save_random_model(LlamaForCausalLM, config, path, spec)
+    _log(f"  ... built and saved in {time.perf_counter() - t0:.1f} s")
+    return path
+
+
+def _save_random_model(model_cls, config, path: str, spec: dict) -> None:
+    """A randomly initialised (std 0.02) bf16 `model_cls(config)` saved to `path` with its spec file;
+    written to a temporary folder first, so `path` only ever holds a complete checkpoint."""
+    import torch
+
+    torch.manual_seed(spec["seed"])
+    model = model_cls._from_config(config, dtype=torch.bfloat16)
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="10GB")
@@ -89,9 +98,7 @@ def ensure_medium_llama(root: str | None = None) -> str:
         json.dump(spec, f)
     del model
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # complete folders only
-    _log(f"  ... built and saved in {time.perf_counter() - t0:.1f} s")
-    return path
+    os.replace(tmp, path)
 
 
 # The public configs of two small real models (config.json fields as published), for measurements at
@@ -115,7 +122,6 @@ PUBLIC_CONFIGS = {
 def ensure_public_config_model(name: str, num_layers: int | None = None, root: str | None = None) -> str:
     """Path of a random-weight bf16 checkpoint with the public config `name` (PUBLIC_CONFIGS), with
     `num_layers` decoder layers if given; built once (transformers, no network)."""
-    import torch
     import transformers
 
     architecture, fields = PUBLIC_CONFIGS[name]
@@ -128,16 +134,7 @@ def ensure_public_config_model(name: str, num_layers: int | None = None, root: s
     model_cls = getattr(transformers, architecture)
     config = model_cls.config_class(**copy.deepcopy(fields))  # (transformers edits rope_scaling in place)
     config.architectures = [architecture]
-    torch.manual_seed(MEDIUM_SEED)
-    model = model_cls._from_config(config, dtype=torch.bfloat16)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size="10GB")
-    with open(os.path.join(tmp, SPEC_FILE), "w", encoding="utf-8") as f:
-        json.dump(spec, f)
-    del model
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    _save_random_model(model_cls, config, path, spec)
     return path
 
 
