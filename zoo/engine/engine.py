@@ -163,6 +163,7 @@ class Engine:
             self.cache.free(slot)
             raise
         req.prompt_logprobs = req.prefilled.prompt_logprobs
+        self._set_sampling([req], [slot])
         self._start([req], [slot], [req.prefilled.first_token], [req.prefilled.first_logprob])
 
     def _prefill(self, group: list[Request], slots: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -252,8 +253,8 @@ class Engine:
 
     def _start(self, group: list[Request], slots: list[int], first_tokens: list[int],
                first_logprobs: list[TokenLogprob | None]) -> None:
-        """Make the requests decode from their slots, starting after their first token."""
-        self._set_sampling(group, slots)
+        """Make the requests decode from their slots, starting after their first token (their
+        sampling rows are set: _prefill or _merge did it)."""
         idx = torch.tensor(slots, device=self.runner.device)
         first = torch.tensor(first_tokens, device=idx.device)
         self.tokens[idx, 0] = first

@@ -383,9 +383,10 @@ class _Call:
         """The prompt's text, in front of the completion when the request asks for echo."""
         if self.chat or not self.body.echo:
             return ""
-        prompt = req.prompt
-        return prompt if prompt is not None else self.server.model.tokenizer.decode(req.prompt_ids) \
-            if self.server.model.tokenizer is not None else ""
+        if req.prompt is not None:
+            return req.prompt
+        tokenizer = self.server.model.tokenizer  # a prompt sent as token ids
+        return tokenizer.decode(req.prompt_ids) if tokenizer is not None else ""
 
     def _completion_logprobs(self, prompt_ids, prompt_entries, token_ids, entries, offset: int) -> dict | None:
         """A completion choice's logprobs: the echoed prompt's (when echoed) then the new tokens'."""
