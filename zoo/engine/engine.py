@@ -18,7 +18,8 @@ from collections import deque
 import torch
 
 from zoo.engine.request import PrefilledKV, Request, StreamEvent, check_request
-from zoo.engine.sampling import LogitsState, SamplingParams, TokenLogprob, apply_penalties, sample, token_logprobs
+from zoo.engine.sampling import (LogitsState, SamplingParams, TokenLogprob, apply_penalties, host_logprobs, sample,
+                                 token_logprobs)
 from zoo.errors import RequestError
 from zoo.graphs.kv_cache import KVCache
 from zoo.graphs.runner import GraphRunner
@@ -207,9 +208,8 @@ class Engine:
         out: list[TokenLogprob | None] = [None]
         for lo in range(0, len(targets), chunk):
             logits = self.runner.compute_logits(hidden[lo:lo + chunk])  # [c, V]
-            chosen, top_v, top_i = (t.tolist() for t in token_logprobs(logits, targets[lo:lo + chunk], k))
-            for j, token in enumerate(prompt[1 + lo:1 + lo + chunk]):
-                out.append(TokenLogprob(token, chosen[j], list(zip(top_i[j], top_v[j]))))
+            tokens = prompt[1 + lo:1 + lo + chunk]
+            out += host_logprobs(token_logprobs(logits, targets[lo:lo + chunk], k), tokens, [k] * len(tokens))
         return out
 
     def _set_sampling(self, group: list[Request], slots: list[int]) -> None:
@@ -348,15 +348,7 @@ class Engine:
         """token_logprobs' tensors -> one TokenLogprob per row whose request asked (None elsewhere)."""
         if logprobs is None:
             return [None] * len(reqs)
-        chosen, top_v, top_i = (t.tolist() for t in logprobs)
-        out = []
-        for row, r in enumerate(reqs):
-            if r is None or r.params.logprobs is None:
-                out.append(None)
-                continue
-            k = r.params.logprobs
-            out.append(TokenLogprob(tokens[row], chosen[row], list(zip(top_i[row][:k], top_v[row][:k]))))
-        return out
+        return host_logprobs(logprobs, tokens, [None if r is None else r.params.logprobs for r in reqs])
 
     # ---- per-request bookkeeping -----------------------------------------------------------
     def _append_token(self, req: Request, token: int, logprob: TokenLogprob | None = None) -> None:

@@ -177,6 +177,15 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     return torch.where(temperature > 0, sampled, greedy)
 
 
+def host_logprobs(logprobs: tuple[torch.Tensor, ...], tokens: list[int], ks: list[int | None]
+                  ) -> list[TokenLogprob | None]:
+    """token_logprobs' tensors -> per row, a TokenLogprob with ks[row] alternatives (None where
+    ks[row] is None); tokens are the rows' token ids, already on the host."""
+    chosen, top_v, top_i = (t.tolist() for t in logprobs)
+    return [None if k is None else TokenLogprob(tokens[row], chosen[row], list(zip(top_i[row][:k], top_v[row][:k])))
+            for row, k in enumerate(ks)]
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """logits [B, V] float32, tokens [B] -> (logprob of each token [B], top-k logprobs [B, k], their
     token ids [B, k]); k may be 0."""

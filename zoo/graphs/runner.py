@@ -78,7 +78,7 @@ class GraphRunner:
     def _compile_every_bucket(self) -> None:
         # decode first (every request needs it at every step), small shapes first
         b = self.buckets
-        todo = [("decode", B, L) if L else ("decode", B) for B in b.batch_sizes for L in (b.context_lens or (None,))]
+        todo = [_decode_key(B, L) for B in b.batch_sizes for L in (b.context_lens or (None,))]
         todo += [("prefill", B, S) for S in b.prefill_lens for B in b.batch_sizes]
         for key in todo:
             try:
@@ -168,8 +168,9 @@ class GraphRunner:
         bookkeeping, never read from the device); None attends over the whole cache."""
         B = input_ids.shape[0]
         L = None if context is None else self.buckets.context_len_for(context)
-        key, kwargs = (("decode", B), {}) if L is None else (("decode", B, L), {"context_len": L})
-        return self._timed_first_call(key, self._decode, input_ids, positions, self.cache.k, self.cache.v, **kwargs)
+        kwargs = {} if L is None else {"context_len": L}
+        return self._timed_first_call(_decode_key(B, L), self._decode, input_ids, positions, self.cache.k, self.cache.v,
+                                      **kwargs)
 
     def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True, context_lens=None) -> None:
         """Build (compile) the graphs for these buckets now, writing only to scratch cache space.
@@ -179,13 +180,14 @@ class GraphRunner:
         prefill_lens = self.buckets.prefill_lens if prefill_lens is None else prefill_lens
         contexts = self.buckets.context_lens if context_lens is None else context_lens
         contexts = sorted({self.buckets.context_len_for(c) for c in contexts}) or [None]
-        with torch.no_grad():
-            for B in batch_sizes:
-                B = self.buckets.batch_for(B)
-                for S in prefill_lens:
-                    S = self.buckets.prefill_len_for(S)
-                    if ("prefill", B, S) not in self.first_call_seconds:
-                        self._timed_first_call(("prefill", B, S), self._prefill, *self.cache.scratch_prefill_inputs(B, S))
-                for L in contexts if decode else []:
-                    input_ids, positions, _, _ = self.cache.scratch_decode_inputs(B)
-                    self.decode(input_ids, positions, L)  # idle rows write only at the scratch position
+        for B in batch_sizes:
+            B = self.buckets.batch_for(B)
+            for S in prefill_lens:
+                self._build(("prefill", B, self.buckets.prefill_len_for(S)))
+            for L in contexts if decode else []:
+                self._build(_decode_key(B, L))
+
+
+def _decode_key(B: int, L: int | None) -> tuple:
+    """The bucket key of a decode graph: batch B, over context L (None: the whole cache)."""
+    return ("decode", B) if L is None else ("decode", B, L)
