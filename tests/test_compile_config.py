@@ -43,6 +43,23 @@ def test_buckets_are_cut_at_and_extended_to_the_maxima(tmp_path):
     assert b.context_lens == (32, 256, 1000) and b.context_len_for(33) == 256 and b.context_len_for(999) == 1000
 
 
+def test_dynamic_lengths_and_the_prefill_token_cap(tmp_path):
+    cpu = load_compile_config(default_config_path("llama", "cpu")).buckets(max_batch_size=8, max_seq_len=2048)
+    assert cpu.dynamic_lengths and cpu.length_multiple == 32 and cpu.prefill_tokens == 2048
+    assert cpu.prefill_graphs() == [(b, None) for b in (1, 2, 4, 8)] and cpu.num_graphs == 8
+    assert [cpu.prefill_len_for(n) for n in (1, 32, 33, 2000, 2048)] == [32, 32, 64, 2016, 2048]
+    assert [cpu.context_len_for(n) for n in (5, 300)] == [32, 320]
+    assert cpu.prefill_fits(1, 2048) and cpu.prefill_fits(8, 256) and not cpu.prefill_fits(8, 257)
+    # a short max_seq_len gets a smaller multiple; the batch buckets are cut as usual
+    short = load_compile_config(default_config_path("qwen", "cpu")).buckets(max_batch_size=2, max_seq_len=40)
+    assert (short.batch_sizes, short.length_multiple, short.prefill_len_for(21)) == ((1, 2), 20, 40)
+    # static buckets under a token cap: only the (batch, length) graphs that fit, and batch 1 at every length
+    c = load_compile_config(write(tmp_path, "[buckets]\nbatch_sizes = [1, 4]\nprefill_lens = [32, 128]\n"
+                                            "prefill_tokens = 128\n"))
+    b = c.buckets(max_batch_size=4, max_seq_len=256)
+    assert b.prefill_graphs() == [(1, 32), (4, 32), (1, 128), (1, 256)]
+
+
 @pytest.mark.parametrize("text, message", [
     ("backend = 'inductor'\nspeed = 'max'\n", r"key 'speed' is not a compile-config key"),
     ("backend = 'tvm'\n", r"key 'backend' must be one of"),
@@ -60,6 +77,12 @@ def test_buckets_are_cut_at_and_extended_to_the_maxima(tmp_path):
     ("regional = 1\n", r"key 'regional' must be true or false"),
     ("backend = 'torchair'\nregional = true\n", r"key 'regional' is an inductor option"),
     ("regional = true\n[inductor.bfloat16]\ncpp_wrapper = true\n", r"key 'regional' cannot be combined with"),
+    ("[buckets]\ndynamic_lengths = 1\n", r"key 'buckets.dynamic_lengths' must be true or false"),
+    ("[buckets]\nprefill_tokens = 0\n", r"key 'buckets.prefill_tokens' must be a positive int"),
+    ("[buckets]\nlength_multiple = 16\n", r"key 'buckets.length_multiple' needs dynamic_lengths = true"),
+    ("[buckets]\ndynamic_lengths = true\nprefill_lens = [32]\n", r"'buckets.prefill_lens' cannot be combined"),
+    ("mode = 'reduce-overhead'\n[buckets]\ndynamic_lengths = true\n", r"CUDA graphs record one graph per"),
+    ("backend = 'torchair'\n[buckets]\ndynamic_lengths = true\n", r"'buckets.dynamic_lengths' is an inductor"),
     ("backend = \n", r"not valid TOML"),
 ])
 def test_bad_configs_name_the_key_and_the_file(tmp_path, text, message):

@@ -116,3 +116,24 @@ def test_compile_in_background_needs_torch_compile():
         zoo.load(compile_in_background=True)
     with pytest.raises(ValueError, match="does not run with tensor parallelism"):
         zoo.load(compiled=True, compile_in_background=True, tp=2)
+
+
+def test_dynamic_lengths_one_graph_per_batch_size_matches_eager(checkpoint, models):
+    """Dynamic lengths: one prefill and one decode graph per batch size serve every prompt length
+    and decode context (padded to a multiple of 8 here), with eager's tokens and no recompiles."""
+    _, eager = models
+    buckets = Buckets.dynamic((1, 2, 4), 64, length_multiple=8)
+    model = zoo.load(checkpoint("llama3_gqa"), max_batch_size=4, max_seq_len=64, buckets=buckets, compiled=True)
+    runner = model.engine.runner
+    assert "dynamic lengths" in runner.description
+    model.warmup()
+    assert sorted(runner.first_call_seconds) == sorted([("prefill", b) for b in (1, 2, 4)] +
+                                                       [("decode", b) for b in (1, 2, 4)])
+    assert runner.graphs_total == 6
+    graphs_before = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for prompts in MIXES:  # prompts of 1-31 tokens: lengths 8, 16, 24, 32; contexts up to 56
+            got = model.generate(prompts, max_new_tokens=24)
+            assert [g.token_ids for g in got] == [w.token_ids for w in eager.generate(prompts, max_new_tokens=24)]
+    assert counters["stats"]["unique_graphs"] == graphs_before
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -303,3 +303,34 @@ def test_admission_takes_turns_between_submissions(model):
     assert admitted_at[id(small)] <= admitted_at[id(big[2])] < admitted_at[id(big[3])]
     for r in big + [small]:
         assert r.output_ids == solo(model, r.prompt_ids, max_new_tokens=4)
+
+
+def test_prefill_token_cap_splits_groups_and_the_streams_decode_between_them(checkpoint, model):
+    """buckets.prefill_tokens = 32: four 10-14 token prompts (padded to 16) are admitted two at a
+    time ([2, 16] = 32 tokens), a decode step runs between the two groups, and every request gets its
+    solo tokens; a single prompt longer than the cap still runs whole; runner.prefill splits a
+    group given to it directly (the PD prompt side's path)."""
+    from zoo.graphs import Buckets
+
+    capped = zoo.load(checkpoint("llama3_gqa"), max_batch_size=4, max_seq_len=64,
+                      buckets=Buckets((1, 2, 4), (16, 32, 64), prefill_tokens=32))
+    eng, calls = capped.engine, []
+    real_prefill, real_decode = eng.runner._prefill, eng.runner._decode
+    eng.runner._prefill = lambda ids, *a: calls.append(tuple(ids.shape)) or real_prefill(ids, *a)
+    eng.runner._decode = lambda ids, *a, **k: calls.append("decode") or real_decode(ids, *a, **k)
+    prompts = [list(range(1 + i, 11 + i + i)) for i in range(4)]  # 10, 11, 12, 13 tokens
+    params = zoo.engine.SamplingParams(max_new_tokens=5)
+    requests = [eng.make_request(i, p, params) for i, p in enumerate(prompts)]
+    eng.submit(requests)
+    assert _drain(eng, requests) == [solo(model, p, max_new_tokens=5) for p in prompts]
+    assert calls[:3] == [(2, 16), "decode", (2, 16)]
+    calls.clear()
+    long_prompt = list(range(40))
+    assert solo(capped, long_prompt, max_new_tokens=3) == solo(model, long_prompt, max_new_tokens=3)
+    assert calls[0] == (1, 64)
+    calls.clear()
+    slot = eng.cache.scratch_slot
+    together = eng.runner.prefill(prompts, [slot] * 4)
+    assert calls == [(2, 16), (2, 16)]
+    alone = torch.cat([eng.runner.prefill([p], [slot]) for p in prompts])
+    assert (together - alone).abs().max().item() <= 1e-5

@@ -40,6 +40,7 @@ class Engine:
         self.lock = threading.RLock()
         self._submissions = 0  # submit() calls so far
         self.failed_steps = 0  # prefills / decodes that raised (their requests failed)
+        self._prefilled_last_step = False  # the next step decodes first (see step)
         self._default_generator = torch.Generator(device=runner.device)
         self._default_generator.seed()
         n, dev = cache.num_slots, runner.device
@@ -88,14 +89,20 @@ class Engine:
 
         A step that prefilled returns without decoding, so a new request's first token reaches its
         caller as soon as it exists (a prefill-then-decode step would hold it back for a whole
-        decode); the running requests decode on the next step, at the same total cost.
+        decode); the running requests decode on the next step, at the same total cost. Steps
+        take turns: after a prefill, the next step decodes (when anything runs), so requests
+        arriving one after another, or a queue admitted a group at a time, never stall the
+        running streams for more than one prefill call.
 
         An exception inside a prefill fails that prefill's requests, one inside a decode the
         running requests (they share the step); every other request goes on and the engine stays
         usable. The step does not raise: the error is in the failed requests' results (and
         failed_steps counts such steps)."""
         with self.lock:
-            if self._admit():
+            decode_turn = self._prefilled_last_step and bool(self.running)
+            self._prefilled_last_step = False
+            if not decode_turn and self._admit():
+                self._prefilled_last_step = True
                 return
             if self.running:
                 running = list(self.running.values())
@@ -106,9 +113,9 @@ class Engine:
 
     def _admit(self) -> bool:
         """Fill free slots: requests prefilled elsewhere are merged in; the others are prefilled
-        here, in groups of up to the largest batch bucket. True when a prefill ran (or failed)."""
-        max_group = self.runner.buckets.batch_sizes[-1]
-        prefilled = False
+        here, one group per step: as many as one prefill call takes (the largest batch bucket, and
+        buckets.prefill_tokens padded tokens), so the running requests decode between groups.
+        True when a prefill ran (or failed)."""
         while self.waiting and self.cache.num_free():
             first_req = self._next_waiting([])
             if first_req.prefilled is not None:
@@ -118,14 +125,7 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - reported through the request it concerns
                     self._fail_requests([first_req], e, "KV import")
                 continue
-            group = [first_req]
-            self.waiting.remove(first_req)
-            while len(group) < min(self.cache.num_free(), max_group):
-                req = self._next_waiting(group, prefilled=False)
-                if req is None:
-                    break
-                self.waiting.remove(req)
-                group.append(req)
+            group = self._prefill_group(first_req)
             slots = [self.cache.alloc() for _ in group]
             try:
                 first, first_logprobs = self._prefill(group, slots)
@@ -135,8 +135,27 @@ class Engine:
                 self._fail_requests(group, e, "prefill")
             else:
                 self._start(group, slots, first, first_logprobs)
-            prefilled = True
-        return prefilled
+            return True
+        return False
+
+    def _prefill_group(self, first_req: Request) -> list[Request]:
+        """first_req and the waiting requests admitted with it (taken off the queue): in
+        _next_waiting's order, while there are free slots and the distinct prompts (identical
+        ones share a prefill row) fit one prefill call."""
+        group = [first_req]
+        self.waiting.remove(first_req)
+        prompts = {tuple(first_req.prompt_ids)}
+        while len(group) < self.cache.num_free():
+            req = self._next_waiting(group, prefilled=False)
+            if req is None:
+                break
+            rows = prompts | {tuple(req.prompt_ids)}
+            if not self.runner.buckets.prefill_fits(len(rows), max(map(len, rows))):
+                break
+            self.waiting.remove(req)
+            group.append(req)
+            prompts = rows
+        return group
 
     def _next_waiting(self, picked: list[Request], prefilled: bool | None = None) -> Request | None:
         """The waiting request to admit next: of the submission with the fewest requests running

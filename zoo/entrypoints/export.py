@@ -31,10 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-sizes", type=positive_int_list,
                    help="batch buckets, e.g. 1,2,4 (default: the model's, as zoo.load picks them)")
     g.add_argument("--prefill-lens", type=positive_int_list,
-                   help="prompt-length buckets, e.g. 32,64 (default: the model's, as zoo.load picks them)")
+                   help="prompt-length buckets, e.g. 32,64 (default: the model's, as zoo.load picks them; powers of "
+                        "two from 32 when its compile config has dynamic lengths)")
     g.add_argument("--context-lens", type=_context_lens,
                    help="decode context buckets ending at max_seq_len, e.g. 256,512 (default: the model's, as "
-                        "zoo.load picks them); 'none' = decode attends over the whole cache, one graph per batch")
+                        "zoo.load picks them; none when its compile config has dynamic lengths); 'none' = decode "
+                        "attends over the whole cache, one graph per batch")
     return p
 
 
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_from(settings)
         # Unless the lists are given, the buckets zoo.load chose for this model (its compile config's).
         buckets = model.buckets
+        if buckets.dynamic_lengths:  # exported graphs are static-shaped: power-of-two length buckets
+            buckets = Buckets.default(model.kv_cache.num_slots, model.max_seq_len)
         chosen = Buckets(tuple(args.batch_sizes or buckets.batch_sizes), tuple(args.prefill_lens or buckets.prefill_lens),
                          tuple(args.context_lens if args.context_lens is not None else buckets.context_lens))
         _check_loadable(chosen, model.kv_cache.num_slots, model.max_seq_len)  # before minutes of compiling

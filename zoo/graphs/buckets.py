@@ -1,8 +1,18 @@
-"""Shape buckets: every call is padded up to one, so each bucket is one static-shape graph.
+"""Shape buckets: every call is padded up to one, so each bucket is one graph.
 
-Prefill is padded to [batch bucket, length bucket]; decode to [batch bucket, 1] attending over a
-context bucket (the first L cache positions, L the smallest context bucket that holds every running
-sequence; with no context buckets, the whole cache).
+Static lengths (the default): prefill is padded to [batch bucket, length bucket]; decode to
+[batch bucket, 1] attending over a context bucket (the first L cache positions, L the smallest
+context bucket that holds every running sequence; with no context buckets, the whole cache). One
+graph per (batch, length) and per (batch, context).
+
+Dynamic lengths (`dynamic_lengths`): the prompt length and the decode context are a dynamic
+dimension of the graph, padded up to a multiple of `length_multiple` only. One prefill and one
+decode graph per batch bucket serve every length up to max_seq_len; on CPU this costs what a
+static graph of the same length costs (benches/results/compile_cost-*.md) and pads far less.
+
+`prefill_tokens` caps the padded tokens (batch bucket x length) of one prefill call: larger groups
+of prompts are split, and with static lengths the (batch, length) graphs past the cap are never
+built. A single prompt always fits, at any length.
 """
 from __future__ import annotations
 
@@ -20,26 +30,73 @@ def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
 @dataclass(frozen=True)
 class Buckets:
     batch_sizes: tuple[int, ...]  # prefill and decode batch buckets
-    prefill_lens: tuple[int, ...]  # prompt length buckets
+    prefill_lens: tuple[int, ...]  # prompt length buckets (dynamic lengths: just (max_seq_len,))
     # decode attends over the first L cache positions, L from these; () = always the whole cache.
     # Decode reads L positions of K and V per row and layer, so on a long cache a short
     # conversation would otherwise pay for the whole max_seq_len at every step.
     context_lens: tuple[int, ...] = ()
+    dynamic_lengths: bool = False  # prompt length and decode context: a dynamic graph dimension
+    length_multiple: int = 32  # dynamic lengths are padded up to a multiple of this
+    prefill_tokens: int | None = None  # most padded tokens (B x S) in one prefill call; None: no cap
 
     @classmethod
     def default(cls, max_batch_size: int, max_seq_len: int) -> "Buckets":
         return cls(tuple(_powers_of_two_up_to(max_batch_size)),
                    tuple(_powers_of_two_up_to(max_seq_len, start=min(32, max_seq_len))))
 
+    @classmethod
+    def dynamic(cls, batch_sizes: tuple[int, ...], max_seq_len: int, length_multiple: int = 32,
+                prefill_tokens: int | None = None) -> "Buckets":
+        """One prefill and one decode graph per batch bucket, for every length up to max_seq_len."""
+        return cls(tuple(batch_sizes), (max_seq_len,), (max_seq_len,), True, length_multiple, prefill_tokens)
+
+    @property
+    def max_len(self) -> int:
+        return self.prefill_lens[-1]
+
     def batch_for(self, n: int) -> int:
         return _smallest_at_least(self.batch_sizes, n, "batch size")
 
     def prefill_len_for(self, n: int) -> int:
+        if self.dynamic_lengths:
+            return self._round_up(n, self.max_len, "prompt length")
         return _smallest_at_least(self.prefill_lens, n, "prompt length")
 
     def context_len_for(self, n: int) -> int | None:
         """The context bucket for sequences of up to n tokens; None = the whole cache."""
+        if self.dynamic_lengths:
+            return self._round_up(n, self.context_lens[-1], "context length")
         return _smallest_at_least(self.context_lens, n, "context length") if self.context_lens else None
+
+    def _round_up(self, n: int, limit: int, what: str) -> int:
+        if n > limit:
+            raise ValueError(f"{what} {n} exceeds the maximum {limit}")
+        m = self.length_multiple
+        return min(-(-max(n, 1) // m) * m, limit)
+
+    def prefill_fits(self, rows: int, longest: int) -> bool:
+        """Whether `rows` prompts, the longest `longest` tokens, run as one prefill call."""
+        if rows == 1 or self.prefill_tokens is None:
+            return rows <= self.batch_sizes[-1]
+        return rows <= self.batch_sizes[-1] and self.batch_for(rows) * self.prefill_len_for(longest) <= self.prefill_tokens
+
+    # ---- the graphs --------------------------------------------------------------------------
+    def prefill_graphs(self) -> list[tuple[int, int | None]]:
+        """(batch, length) of every prefill graph, small lengths first; length None: dynamic."""
+        if self.dynamic_lengths:
+            return [(B, None) for B in self.batch_sizes]
+        return [(B, S) for S in self.prefill_lens for B in self.batch_sizes
+                if B == 1 or self.prefill_tokens is None or B * S <= self.prefill_tokens]
+
+    def decode_graphs(self) -> list[tuple[int, int | None]]:
+        """(batch, context) of every decode graph; context None: dynamic, or the whole cache."""
+        if self.dynamic_lengths or not self.context_lens:
+            return [(B, None) for B in self.batch_sizes]
+        return [(B, L) for B in self.batch_sizes for L in self.context_lens]
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.prefill_graphs()) + len(self.decode_graphs())
 
     def validate(self, max_batch_size: int, max_seq_len: int) -> None:
         for name, values, limit in (("batch_sizes", self.batch_sizes, max_batch_size),
@@ -51,6 +108,16 @@ class Buckets:
                 raise ValueError(f"buckets.{name} must be increasing positive ints, got {values}")
             if values[-1] != limit:
                 raise ValueError(f"buckets.{name} must end at {limit} (the configured maximum), got {values}")
+        if self.prefill_tokens is not None and self.prefill_tokens < 1:
+            raise ValueError(f"buckets.prefill_tokens must be a positive int, got {self.prefill_tokens}")
+        if self.dynamic_lengths:
+            if self.prefill_lens != (max_seq_len,) or self.context_lens != (max_seq_len,):
+                raise ValueError("with dynamic lengths, prefill_lens and context_lens are just (max_seq_len,)")
+            if not 2 <= self.length_multiple <= max_seq_len // 2:
+                # a dynamic dimension needs a range of at least two values above 1 (torch
+                # specializes sizes 0 and 1)
+                raise ValueError(f"buckets.length_multiple must be between 2 and max_seq_len / 2 = "
+                                 f"{max_seq_len // 2} for dynamic lengths, got {self.length_multiple}")
 
 
 def _smallest_at_least(sizes, n: int, what: str) -> int:

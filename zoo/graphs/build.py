@@ -58,9 +58,13 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
         options = compile_config.torchair
         module.set_attention_ops(npu.NpuAttentionOps(torch_npu))  # fused FA / IFA and scatter_update_
         fingerprint = {"backend": "torchair", "options": options, "torch_npu": torch_npu.__version__}
+    if buckets.dynamic_lengths and (backend != "inductor" or options.get("triton.cudagraphs")):
+        raise CompileConfigError(f"{compile_config.source}: dynamic lengths need the inductor backend without CUDA "
+                                 "graphs (torchair graphs are static-shaped; CUDA graphs record one graph per length)")
     if tp.enabled:
         fingerprint["tp"] = tp.fingerprint()  # each rank compiles (and caches) its own shard's graphs
     description = f"{backend}, options {options}" + (", regional (one layer compiled)" if compile_config.regional else "")
+    description += ", dynamic lengths" if buckets.dynamic_lengths else ""
 
     graph_cache = None
     if compile_config.graph_cache:
@@ -75,6 +79,8 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
         compiler = npu.npu_backend(options)  # torchair.get_npu_backend(compiler_config=...)
         prefill, decode = (torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler)
                            for fn in (module.prefill, module.decode))
+    elif buckets.dynamic_lengths:
+        prefill, decode = _dynamic_length_graphs(module, options, buckets)
     else:
         # fullgraph: a graph break is an error, so no host sync can hide inside; static shapes:
         # one graph per bucket
@@ -83,11 +89,34 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
     return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache, module=module)
 
 
+def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buckets):
+    """prefill / decode with the signatures of the module's, compiled with one dynamic dimension:
+    the prompt length (input_ids' dim 1) and the decode context. Everything else stays static."""
+    lo, hi = buckets.length_multiple, buckets.max_len
+
+    def decode_over(input_ids, positions, k_caches, v_caches, span):
+        # the context length reaches the graph as the size of `span` (a graph's ints are constants)
+        return module.decode(input_ids, positions, k_caches, v_caches, context_len=span.shape[0])
+
+    prefill_graph = torch.compile(module.prefill, fullgraph=True, dynamic=False, options=options)
+    decode_graph = torch.compile(decode_over, fullgraph=True, dynamic=False, options=options)
+
+    def prefill(input_ids, lengths, slot_ids, k_caches, v_caches):  # input_ids [B, S], lo <= S <= hi
+        torch._dynamo.mark_dynamic(input_ids, 1, min=lo, max=hi)
+        return prefill_graph(input_ids, lengths, slot_ids, k_caches, v_caches)
+
+    def decode(input_ids, positions, k_caches, v_caches, context_len: int):  # lo <= context_len <= hi
+        span = torch.empty(context_len, dtype=torch.int8, device=input_ids.device)  # [L], never read
+        torch._dynamo.mark_dynamic(span, 0, min=lo, max=hi)
+        return decode_graph(input_ids, positions, k_caches, v_caches, span)
+
+    return prefill, decode
+
+
 def _allow_one_graph_per_bucket(buckets: Buckets) -> None:
     """Every bucket is one more cache entry on the same code object (LlamaForCausalLM.prefill /
     decode, shared by every model of the family in this process); allow this model's on top of
     what the models built before it hold."""
-    n_graphs = len(buckets.batch_sizes) * (len(buckets.prefill_lens) + max(1, len(buckets.context_lens)))
     config = torch._dynamo.config
-    config.recompile_limit += n_graphs
+    config.recompile_limit += buckets.num_graphs
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, config.recompile_limit)

@@ -23,6 +23,7 @@ the rest); when every ISA the CPU advertises passed, later processes compile and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -61,8 +62,8 @@ def cache_key_fields(traced_files: list[str], model_config: dict, compile_finger
         "model_config": hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest(),
         "compile_config": compile_fingerprint,
         "dtype": str(dtype),
-        "buckets": {"batch_sizes": list(buckets.batch_sizes), "prefill_lens": list(buckets.prefill_lens),
-                    "context_lens": list(buckets.context_lens)},
+        # which graphs exist, with static or dynamic lengths (lists, as the manifest's JSON has them)
+        "buckets": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(buckets).items()},
         "kv_cache_shape": list(cache_shape),
         "device": f"{device.type}:{device_name}",
         "torch": torch.__version__,

@@ -16,6 +16,12 @@ the model registry names each architecture's file stem);
     batch_sizes = [1, 2, 4, 8]
     prefill_lens = [32, 64, 128, 256, 512, 1024, 2048]
     context_lens = [256, 512, 1024, 2048]   # decode attends over the first L positions; omit = all
+    prefill_tokens = 2048           # most padded tokens (batch x length) one prefill call runs; larger
+                                    # groups are split (a single prompt always runs whole)
+    # or, instead of prefill_lens / context_lens (inductor, not with CUDA graphs):
+    dynamic_lengths = true          # one prefill and one decode graph per batch size, the prompt length
+                                    # and decode context a dynamic dimension (zoo.graphs.buckets)
+    length_multiple = 32            # dynamic lengths are padded up to a multiple of this
 
     [inductor]                      # torch._inductor.config options, for every dtype
     cpp_wrapper = true
@@ -46,6 +52,7 @@ from zoo.graphs.buckets import Buckets
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 BACKENDS = ("inductor", "torchair")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_BUCKET_SCALARS = {"prefill_tokens": int, "dynamic_lengths": bool, "length_multiple": int}
 _TOP_LEVEL = {"backend", "mode", "graph_cache", "regional", "buckets", "inductor", "torchair"}
 
 
@@ -59,6 +66,9 @@ class CompileConfig:
     batch_sizes: tuple[int, ...] | None = None
     prefill_lens: tuple[int, ...] | None = None
     context_lens: tuple[int, ...] | None = None
+    prefill_tokens: int | None = None
+    dynamic_lengths: bool = False
+    length_multiple: int = 32
     inductor: dict = field(default_factory=dict)  # for every dtype
     inductor_by_dtype: dict = field(default_factory=dict)  # dtype name -> options on top
     torchair: dict = field(default_factory=dict)
@@ -74,9 +84,13 @@ class CompileConfig:
 
     def buckets(self, max_batch_size: int, max_seq_len: int) -> Buckets:
         default = Buckets.default(max_batch_size, max_seq_len)
-        return Buckets(_fit(self.batch_sizes, max_batch_size) or default.batch_sizes,
-                       _fit(self.prefill_lens, max_seq_len) or default.prefill_lens,
-                       _fit(self.context_lens, max_seq_len) or ())
+        batch_sizes = _fit(self.batch_sizes, max_batch_size) or default.batch_sizes
+        if self.dynamic_lengths:
+            # a short max_seq_len gets a smaller multiple (a dynamic range needs two of them)
+            multiple = max(2, min(self.length_multiple, max_seq_len // 2))
+            return Buckets.dynamic(batch_sizes, max_seq_len, multiple, self.prefill_tokens)
+        return Buckets(batch_sizes, _fit(self.prefill_lens, max_seq_len) or default.prefill_lens,
+                       _fit(self.context_lens, max_seq_len) or (), prefill_tokens=self.prefill_tokens)
 
 
 def _fit(sizes: tuple[int, ...] | None, limit: int) -> tuple[int, ...] | None:
@@ -127,10 +141,18 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
     buckets = raw.get("buckets", {})
     if not isinstance(buckets, dict):
         fail("buckets", "must be a table")
-    sizes = {}
+    sizes, scalars = {}, {}
     for key, values in buckets.items():
+        if key in _BUCKET_SCALARS:
+            kind = _BUCKET_SCALARS[key]
+            if type(values) is not kind or (kind is int and values < 1):
+                fail(f"buckets.{key}", f"must be {'true or false' if kind is bool else 'a positive int'}, "
+                                       f"got {values!r}")
+            scalars[key] = values
+            continue
         if key not in ("batch_sizes", "prefill_lens", "context_lens"):
-            fail(f"buckets.{key}", "is not a bucket key (known: batch_sizes, prefill_lens, context_lens)")
+            fail(f"buckets.{key}", "is not a bucket key (known: batch_sizes, prefill_lens, context_lens, "
+                                   f"{', '.join(_BUCKET_SCALARS)})")
         if (not isinstance(values, list) or not values or any(type(v) is not int or v < 1 for v in values)
                 or values != sorted(set(values))):
             fail(f"buckets.{key}", f"must be a non-empty increasing list of positive ints, got {values!r}")
@@ -140,6 +162,19 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
         # torchair's cached decode functions take no context length (and IFA on a sliced cache view
         # has not run on hardware): Ascend decode attends over the whole cache
         fail("buckets.context_lens", "is not supported by the torchair backend")
+    dynamic = scalars.get("dynamic_lengths", False)
+    if dynamic:
+        for key in ("prefill_lens", "context_lens"):
+            if key in sizes:
+                fail(f"buckets.{key}", "cannot be combined with dynamic_lengths = true (every length up to "
+                                       "max_seq_len has its graph)")
+        if backend != "inductor":
+            fail("buckets.dynamic_lengths", "is an inductor option (torchair graphs are static-shaped)")
+        if mode in ("reduce-overhead", "max-autotune"):
+            fail("buckets.dynamic_lengths", f"cannot be combined with mode {mode!r}: CUDA graphs record one "
+                                            "graph per distinct length; use static length buckets")
+    elif "length_multiple" in scalars:
+        fail("buckets.length_multiple", "needs dynamic_lengths = true")
     inductor, by_dtype = _parse_inductor(raw.get("inductor", {}), fail)
     if regional and any(options.get("cpp_wrapper") for options in [inductor, *by_dtype.values()]):
         fail("regional", "cannot be combined with [inductor] cpp_wrapper = true: inductor's C++ wrapper "
@@ -153,7 +188,8 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
         raise CompileConfigError(f"{source}: [torchair] {e}") from None
 
     return CompileConfig(source, backend, mode, graph_cache, regional, sizes.get("batch_sizes"),
-                         sizes.get("prefill_lens"), sizes.get("context_lens"), inductor, by_dtype, torchair)
+                         sizes.get("prefill_lens"), sizes.get("context_lens"), scalars.get("prefill_tokens"),
+                         dynamic, scalars.get("length_multiple", 32), inductor, by_dtype, torchair)
 
 
 def _parse_inductor(table, fail) -> tuple[dict, dict]:

@@ -44,9 +44,8 @@ class GraphRunner:
 
     @property
     def graphs_total(self) -> int:
-        """Graphs of every bucket (batch sizes x (prefill lengths + decode contexts))."""
-        b = self.buckets
-        return len(b.batch_sizes) * (len(b.prefill_lens) + max(1, len(b.context_lens)))
+        """Graphs of every bucket (Buckets.prefill_graphs and decode_graphs)."""
+        return self.buckets.num_graphs
 
     @property
     def graphs_ready(self) -> int:
@@ -78,8 +77,8 @@ class GraphRunner:
     def _compile_every_bucket(self) -> None:
         # decode first (every request needs it at every step), small shapes first
         b = self.buckets
-        todo = [_decode_key(B, L) for B in b.batch_sizes for L in (b.context_lens or (None,))]
-        todo += [("prefill", B, S) for S in b.prefill_lens for B in b.batch_sizes]
+        todo = [self._decode_key(B, L) for B, L in b.decode_graphs()]
+        todo += [self._prefill_key(B, S) for B, S in b.prefill_graphs()]
         for key in todo:
             try:
                 self._build(key)
@@ -87,16 +86,27 @@ class GraphRunner:
                 log(f"background compile of {key} failed; it keeps running eagerly: {type(e).__name__}: {e}")
         log(f"background compile done: {self.graphs_ready} of {self.graphs_total} graphs ready")
 
+    def _prefill_key(self, B: int, S: int | None) -> tuple:
+        """The graph of a prefill of batch bucket B, length bucket S (one per B with dynamic lengths)."""
+        return ("prefill", B) if self.buckets.dynamic_lengths else ("prefill", B, S)
+
+    def _decode_key(self, B: int, L: int | None) -> tuple:
+        """The graph of a decode of batch bucket B over context L (None: the whole cache); one per B
+        with dynamic lengths."""
+        return ("decode", B) if L is None or self.buckets.dynamic_lengths else ("decode", B, L)
+
     def _build(self, key: tuple) -> None:
-        """Build one bucket's graph with scratch inputs (writing only to scratch cache space)."""
+        """Build one bucket's graph with scratch inputs (writing only to scratch cache space); a
+        dynamic-length graph at the smallest length."""
         if key in self.first_call_seconds:
             return
+        length = key[2] if len(key) > 2 else self.buckets.length_multiple if self.buckets.dynamic_lengths else None
         with torch.no_grad():
             if key[0] == "prefill":
-                self._timed_first_call(key, self._prefill, *self.cache.scratch_prefill_inputs(key[1], key[2]))
+                self._timed_first_call(key, self._prefill, *self.cache.scratch_prefill_inputs(key[1], length))
             else:
                 input_ids, positions, k, v = self.cache.scratch_decode_inputs(key[1])
-                kwargs = {"context_len": key[2]} if len(key) > 2 else {}
+                kwargs = {} if length is None else {"context_len": length}
                 self._timed_first_call(key, self._decode, input_ids, positions, k, v, **kwargs)
 
     def wait_for_background_compile(self, timeout_s: float | None = None) -> bool:
@@ -113,7 +123,8 @@ class GraphRunner:
             eager = self.module.prefill if key[0] == "prefill" else self.module.decode
             return eager(*args, **kwargs)
         what = {"prefill": "length", "decode": "context"}[key[0]]
-        name = f"{key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else "")
+        name = f"{key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else
+                                                       f", dynamic {what}" if self.buckets.dynamic_lengths else "")
         cached = self.graph_cache is not None and self.graph_cache.has(name)
         if self.compiled and self.log_compiles:
             log(f"{'loading cached' if cached else 'compiling'} {name} ({self.description})")
@@ -128,7 +139,18 @@ class GraphRunner:
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Prompts (token ids) written into cache `slots` -> logits of each prompt's last token [n, V]."""
+        """Prompts (token ids) written into cache `slots` -> logits of each prompt's last token [n, V].
+        A group larger than one call may run (buckets.prefill_tokens) runs as several."""
+        calls, start = [], 0
+        while start < len(prompts):
+            end = start + 1
+            while end < len(prompts) and self.buckets.prefill_fits(end + 1 - start, max(map(len, prompts[start:end + 1]))):
+                end += 1
+            calls.append(self._prefill_call(prompts[start:end], slots[start:end]))
+            start = end
+        return calls[0] if len(calls) == 1 else torch.cat(calls)
+
+    def _prefill_call(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         n = len(prompts)
         B = self.buckets.batch_for(n)
         S = self.buckets.prefill_len_for(max(len(p) for p in prompts))
@@ -139,7 +161,7 @@ class GraphRunner:
             input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
             lengths[i], slot_ids[i] = len(prompt), slot
         dev = self.device
-        logits = self._timed_first_call(("prefill", B, S), self._prefill, input_ids.to(dev), lengths.to(dev),
+        logits = self._timed_first_call(self._prefill_key(B, S), self._prefill, input_ids.to(dev), lengths.to(dev),
                                         slot_ids.to(dev), self.cache.k, self.cache.v)
         return logits[:n]
 
@@ -168,26 +190,27 @@ class GraphRunner:
         bookkeeping, never read from the device); None attends over the whole cache."""
         B = input_ids.shape[0]
         L = None if context is None else self.buckets.context_len_for(context)
+        if L is None and self.buckets.dynamic_lengths:
+            L = self.buckets.max_len  # the whole cache
         kwargs = {} if L is None else {"context_len": L}
-        return self._timed_first_call(_decode_key(B, L), self._decode, input_ids, positions, self.cache.k, self.cache.v,
-                                      **kwargs)
+        return self._timed_first_call(self._decode_key(B, L), self._decode, input_ids, positions, self.cache.k,
+                                      self.cache.v, **kwargs)
 
     def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True, context_lens=None) -> None:
-        """Build (compile) the graphs for these buckets now, writing only to scratch cache space.
-        context_lens: the decode context buckets to build (default: all)."""
+        """Build (compile) the graphs for these buckets now, writing only to scratch cache space
+        (with dynamic lengths, one per batch size whatever the lengths). context_lens: the decode
+        context buckets to build (default: all). Prefill shapes past buckets.prefill_tokens have
+        no graph (such groups are split) and are skipped."""
         self.wait_for_background_compile()  # (it builds every bucket)
-        batch_sizes = batch_sizes or self.buckets.batch_sizes
-        prefill_lens = self.buckets.prefill_lens if prefill_lens is None else prefill_lens
-        contexts = self.buckets.context_lens if context_lens is None else context_lens
-        contexts = sorted({self.buckets.context_len_for(c) for c in contexts}) or [None]
+        b = self.buckets
+        batch_sizes = batch_sizes or b.batch_sizes
+        prefill_lens = b.prefill_lens if prefill_lens is None else prefill_lens
+        contexts = b.context_lens if context_lens is None else context_lens
+        contexts = sorted({b.context_len_for(c) for c in contexts}) or [None]
         for B in batch_sizes:
-            B = self.buckets.batch_for(B)
+            B = b.batch_for(B)
             for S in prefill_lens:
-                self._build(("prefill", B, self.buckets.prefill_len_for(S)))
+                if B == 1 or b.prefill_fits(B, S):
+                    self._build(self._prefill_key(B, b.prefill_len_for(S)))
             for L in contexts if decode else []:
-                self._build(_decode_key(B, L))
-
-
-def _decode_key(B: int, L: int | None) -> tuple:
-    """The bucket key of a decode graph: batch B, over context L (None: the whole cache)."""
-    return ("decode", B) if L is None else ("decode", B, L)
+                self._build(self._decode_key(B, L))
