@@ -7,10 +7,12 @@ process start (imports included) to the last graph built, for max_batch_size 8 a
 
 Variants (compile configs):
   dynamic           the shipped CPU config: one prefill and one decode graph per batch size (dynamic
-                    lengths), whole graph, cpp_wrapper, freezing in bf16
+                    lengths), whole graph, cpp_wrapper
   dynamic-regional  the same with `regional = true` (one decoder layer compiled, no cpp_wrapper)
+  dynamic-frozen    the shipped config plus inductor's `freezing` in bf16
   static            the former CPU default: a graph per (batch, power-of-two length) and per (batch,
-                    context 256/512/1024/2048); only on request (--variants), it takes over an hour cold
+                    context 256/512/1024/2048), with freezing in bf16; only on request (--variants), it
+                    takes over an hour cold
                     at 1 B (benches/results/compile_cost-*.md has its per-graph cost)
 
 Models: tiny-llama (embedded, fp32) and the public configs of benches/_models.py (bf16, random weights).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,11 +35,11 @@ START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-DYNAMIC = ('backend = "inductor"\n[buckets]\ndynamic_lengths = true\nprefill_tokens = 2048\n'
-           '[inductor.bfloat16]\nfreezing = true\n')
+DYNAMIC = 'backend = "inductor"\n[buckets]\ndynamic_lengths = true\nprefill_tokens = 2048\n'
 VARIANTS = {
     "dynamic": None,  # the shipped config
     "dynamic-regional": DYNAMIC.replace('"inductor"\n', '"inductor"\nregional = true\n', 1),
+    "dynamic-frozen": DYNAMIC + '[inductor]\ncpp_wrapper = true\n[inductor.bfloat16]\nfreezing = true\n',
     "static": ('backend = "inductor"\n[buckets]\nprefill_lens = [32, 64, 128, 256, 512, 1024, 2048]\n'
                'context_lens = [256, 512, 1024, 2048]\n[inductor]\ncpp_wrapper = true\n'
                '[inductor.bfloat16]\nfreezing = true\n'),
@@ -45,9 +48,6 @@ VARIANTS = {
 
 def worker(args) -> dict:
     import zoo
-    from torch._dynamo.utils import compile_times
-
-    from compile_cost import phases
 
     config = None
     if VARIANTS[args.variant] is not None:
@@ -61,11 +61,10 @@ def worker(args) -> dict:
     loaded = time.perf_counter() - START
     model.warmup()
     runner = model.engine.runner
-    names, values = compile_times(repr="csv")
-    totals = {name: sum(float(x) for x in str(v).split(",") if x.strip()) for name, v in zip(names, values)}
     return {"loaded_s": loaded, "all_graphs_s": time.perf_counter() - START, "graphs": runner.graphs_ready,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "graphs_total": runner.graphs_total, "graph_s": sum(runner.first_call_seconds.values()),
-            "phases_s": phases(totals), "graph_cache": model.graph_cache_status}
+            "graph_cache": model.graph_cache_status}
 
 
 def run_worker(model: str, variant: str, work: str) -> dict:
@@ -112,17 +111,17 @@ def main() -> int:
                   f"{warm.get('all_graphs_s', 'error')}", file=sys.stderr, flush=True)
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads; max_batch_size 8, max_seq_len 2048; "
              "seconds from the process start to every graph built (`zoo.load(compiled=True)` + `warmup()`)", "",
-             "| model | variant | graphs | cold: total | cold: in graphs (dynamo / inductor / C++) | warm: total | "
-             "warm: in graphs | cold / warm |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | variant | graphs | cold: total | cold: in graphs | warm: total | warm: in graphs | cold / warm "
+             "| peak RSS (warm) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, variant, cold, warm in rows:
         if "error" in cold or "error" in warm:
             err = (cold.get("error") or warm.get("error")).strip().splitlines()[-1]
             lines.append(f"| {name} | {variant} | error: {err[:150]} | | | | | |")
             continue
-        ph = " / ".join(f"{v:.0f}" for v in cold["phases_s"].values())
         lines.append(f"| {name} | {variant} | {cold['graphs']} of {cold['graphs_total']} | {cold['all_graphs_s']:.0f} s "
-                     f"| {cold['graph_s']:.0f} s ({ph}) | {warm['all_graphs_s']:.1f} s | {warm['graph_s']:.1f} s "
-                     f"({warm['graph_cache']}) | {cold['all_graphs_s'] / warm['all_graphs_s']:.1f}x |")
+                     f"| {cold['graph_s']:.0f} s | {warm['all_graphs_s']:.1f} s | {warm['graph_s']:.1f} s "
+                     f"({warm['graph_cache']}) | {cold['all_graphs_s'] / warm['all_graphs_s']:.1f}x | "
+                     f"{warm['peak_rss_gb']:.2f} GB |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -1,13 +1,14 @@
 """Static length buckets vs dynamic lengths: what one graph per batch size costs per token.
 
-Both variants are the shipped CPU compile options (whole graph, cpp_wrapper, freezing in bf16),
-loaded in one process on the same checkpoint and timed interleaved (A B, then B A), so machine
-drift hits both alike:
+The variants are loaded in one process on the same checkpoint and timed interleaved (A B C, then
+C B A), so machine drift hits them alike; all compile the whole graph with cpp_wrapper:
 
 - `static`: the former CPU default, one graph per (batch, length bucket) and (batch, context bucket):
-  prompt lengths padded up to a power of two from 32, decode contexts to 256/512/1024/2048.
+  prompt lengths padded up to a power of two from 32, decode contexts to 256/512/1024/2048; freezing
+  in bf16.
 - `dynamic`: the shipped default (`dynamic_lengths = true`): one prefill and one decode graph per batch
-  size, lengths padded to a multiple of 32.
+  size, lengths padded to a multiple of 32; no freezing.
+- `dynamic-frozen`: the same with inductor's `freezing` in bf16.
 
 A prompt of n tokens is timed as what each variant really runs: static pads it to its bucket,
 dynamic to the next multiple of 32. So the table shows the padding saved as well as the cost of the
@@ -22,10 +23,14 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+# the shipped CPU config plus freezing in bf16 (the former CPU default's options)
+FROZEN = ('backend = "inductor"\n[buckets]\ndynamic_lengths = true\nprefill_tokens = 2048\n'
+          '[inductor]\ncpp_wrapper = true\n[inductor.bfloat16]\nfreezing = true\n')
 
 
 def timed(fn, repeats: int) -> float:
@@ -45,6 +50,8 @@ def main() -> int:
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[100, 128, 300, 1000])
     p.add_argument("--contexts", type=int, nargs="+", default=[300, 1000])
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--variants", default="static,dynamic-frozen,dynamic",
+                   help="of static, dynamic, dynamic-frozen (the first one is the base of the ratios)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=10, help="timed decode steps per sample")
     p.add_argument("--out", help="also write the Markdown report here")
@@ -59,12 +66,16 @@ def main() -> int:
     max_seq_len, max_batch = 2048, max(args.decode_batches)
     static = zoo.Buckets.default(max_batch, max_seq_len)
     static = zoo.Buckets(static.batch_sizes, static.prefill_lens, (256, 512, 1024, 2048))
-    variants = {
-        "static": zoo.load(path, dtype="bfloat16", compiled=True, max_batch_size=max_batch, max_seq_len=max_seq_len,
-                           buckets=static),
-        "dynamic": zoo.load(path, dtype="bfloat16", compiled=True, max_batch_size=max_batch, max_seq_len=max_seq_len),
-    }
+    frozen = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+    frozen.write(FROZEN)
+    frozen.close()
+    options = {"static": dict(buckets=static, compile_config=frozen.name), "dynamic": {},
+               "dynamic-frozen": dict(compile_config=frozen.name)}
+    variants = {name: zoo.load(path, dtype="bfloat16", compiled=True, max_batch_size=max_batch,
+                               max_seq_len=max_seq_len, **options[name]) for name in args.variants.split(",")}
+    os.unlink(frozen.name)
     assert variants["dynamic"].buckets.dynamic_lengths, "the shipped CPU config is expected to use dynamic lengths"
+    base = args.variants.split(",")[0]
 
     def prefill(model, n: int):
         runner, cache = model.engine.runner, model.engine.cache
@@ -107,17 +118,16 @@ def main() -> int:
     lines = [f"{args.model} config, random weights, bf16, torch {torch.__version__}, {torch.get_num_threads()} "
              f"threads; {args.rounds} interleaved rounds, median. Prefill: ms per prompt token (batch 1); decode: "
              "ms per step (every row at the context).", "",
-             "| case | static: padded to | static ms | dynamic: padded to | dynamic ms | dynamic / static |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| case | " + " | ".join(f"{v}: padded to | {v} ms" for v in variants)
+             + "".join(f" | {v} / {base}" for v in variants if v != base) + " |",
+             "| --- " * (1 + 2 * len(variants) + len(variants) - 1) + "|"]
     for kind, n, B in cases:
-        s = statistics.median(samples[(kind, n, B, "static")])
-        d = statistics.median(samples[(kind, n, B, "dynamic")])
+        ms = {v: statistics.median(samples[(kind, n, B, v)]) for v in variants}
         what = f"prefill, {n}-token prompt" if kind == "prefill" else f"decode batch {B}, context {n}"
-        lines.append(f"| {what} | {shapes[(kind, n, B, 'static')]} | {s:.2f} | {shapes[(kind, n, B, 'dynamic')]} "
-                     f"| {d:.2f} | {d / s:.3f} |")
-    graphs = {name: m.engine.runner.graphs_total for name, m in variants.items()}
-    lines += ["", f"Graphs for the whole bucket set (max_batch_size {max_batch}, max_seq_len {max_seq_len}): "
-                  f"static {graphs['static']}, dynamic {graphs['dynamic']}."]
+        lines.append(f"| {what} | " + " | ".join(f"{shapes[(kind, n, B, v)]} | {ms[v]:.2f}" for v in variants)
+                     + "".join(f" | {ms[v] / ms[base]:.3f}" for v in variants if v != base) + " |")
+    graphs = ", ".join(f"{name} {m.engine.runner.graphs_total}" for name, m in variants.items())
+    lines += ["", f"Graphs for the whole bucket set (max_batch_size {max_batch}, max_seq_len {max_seq_len}): {graphs}."]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.graphs.compile_config import CONFIG_DIR, CompileConfigError, default_config_path, load_compile_config
+from zoo.graphs.compile_config import (CONFIG_DIR, CompileConfigError, default_config_path, load_compile_config,
+                                       parse_compile_config)
 
 
 def write(tmp_path, text):
@@ -27,7 +28,10 @@ def test_cpu_defaults_and_dtype_specific_options():
     cpu = load_compile_config(default_config_path("qwen", "cpu"))
     assert cpu.backend == "inductor"
     assert cpu.inductor_options(torch.float32) == {"cpp_wrapper": True}
-    assert cpu.inductor_options(torch.bfloat16) == {"cpp_wrapper": True, "freezing": True}
+    assert cpu.inductor_options(torch.bfloat16) == {"cpp_wrapper": True}  # no freezing: it slows warm starts
+    c = parse_compile_config({"inductor": {"cpp_wrapper": True, "bfloat16": {"freezing": True}}}, "x.toml")
+    assert c.inductor_options(torch.float32) == {"cpp_wrapper": True}
+    assert c.inductor_options(torch.bfloat16) == {"cpp_wrapper": True, "freezing": True}
     cuda = load_compile_config(default_config_path("llama", "cuda"))
     assert cuda.inductor_options(torch.float32)["triton.cudagraphs"] is True  # reduce-overhead = CUDA graphs
     npu = load_compile_config(default_config_path("llama", "npu"))

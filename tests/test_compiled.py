@@ -122,14 +122,14 @@ def test_dynamic_lengths_one_graph_per_batch_size_matches_eager(checkpoint, mode
     """Dynamic lengths: one prefill and one decode graph per batch size serve every prompt length
     and decode context (padded to a multiple of 8 here), with eager's tokens and no recompiles."""
     _, eager = models
-    buckets = Buckets.dynamic((1, 2, 4), 64, length_multiple=8)
+    buckets = Buckets.dynamic((1, 2, 4), 64, length_multiple=8, prefill_tokens=64)
     model = zoo.load(checkpoint("llama3_gqa"), max_batch_size=4, max_seq_len=64, buckets=buckets, compiled=True)
     runner = model.engine.runner
     assert "dynamic lengths" in runner.description
     model.warmup()
     assert sorted(runner.first_call_seconds) == sorted([("prefill", b) for b in (1, 2, 4)] +
                                                        [("decode", b) for b in (1, 2, 4)])
-    assert runner.graphs_total == 6
+    assert runner.graphs_total == runner.graphs_ready == 6
     graphs_before = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for prompts in MIXES:  # prompts of 1-31 tokens: lengths 8, 16, 24, 32; contexts up to 56

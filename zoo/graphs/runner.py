@@ -210,7 +210,8 @@ class GraphRunner:
         for B in batch_sizes:
             B = b.batch_for(B)
             for S in prefill_lens:
-                if B == 1 or b.prefill_fits(B, S):
-                    self._build(self._prefill_key(B, b.prefill_len_for(S)))
+                S = b.length_multiple if b.dynamic_lengths else b.prefill_len_for(S)  # (built at the smallest)
+                if b.prefill_fits(B, S):
+                    self._build(self._prefill_key(B, S))
             for L in contexts if decode else []:
                 self._build(self._decode_key(B, L))
