@@ -358,3 +358,11 @@ def write_all(results: dict, out_dir: str, stem: str) -> dict:
     os.replace(tmp, paths["json"])
     paths["plots"] = [os.path.join(out_dir, p) for p in results["plots"]]
     return paths
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print a bench's Markdown report, and write it to `out` when given."""
+    print(text)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")

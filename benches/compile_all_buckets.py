@@ -95,6 +95,7 @@ def main() -> int:
     import torch
 
     import _models
+    import _report
 
     rows = []
     for name in [m for m in args.models.split(",") if m]:
@@ -122,11 +123,7 @@ def main() -> int:
                      f"| {cold['graph_s']:.0f} s | {warm['all_graphs_s']:.1f} s | {warm['graph_s']:.1f} s "
                      f"({warm['graph_cache']}) | {cold['all_graphs_s'] / warm['all_graphs_s']:.1f}x | "
                      f"{warm['peak_rss_gb']:.2f} GB |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    _report.emit("\n".join(lines), args.out)
     return 0
 
 

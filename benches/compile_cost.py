@@ -136,6 +136,7 @@ def main() -> int:
         return 0
 
     import _models
+    import _report
 
     runs = []  # (model, layers)
     for name in [m for m in args.models.split(",") if m]:
@@ -167,11 +168,7 @@ def main() -> int:
                 decode.setdefault((name, variant, B), []).extend(times)
     for path, work, *_ in speed.values():
         shutil.rmtree(work, ignore_errors=True)
-    text = report(rows, decode, args)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    _report.emit(report(rows, decode, args), args.out)
     return 0
 
 

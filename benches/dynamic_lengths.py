@@ -60,6 +60,7 @@ def main() -> int:
     import torch
 
     import _models
+    import _report
     import zoo
 
     path = _models.ensure_public_config_model(args.model)
@@ -128,11 +129,7 @@ def main() -> int:
                      + "".join(f" | {ms[v] / ms[base]:.3f}" for v in variants if v != base) + " |")
     graphs = ", ".join(f"{name} {m.engine.runner.graphs_total}" for name, m in variants.items())
     lines += ["", f"Graphs for the whole bucket set (max_batch_size {max_batch}, max_seq_len {max_seq_len}): {graphs}."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    _report.emit("\n".join(lines), args.out)
     return 0
 
 

@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _models  # noqa: E402
+import _report  # noqa: E402
 
 VARIANTS = {
     "greedy": {},
@@ -69,11 +70,7 @@ def main() -> int:
             median = statistics.median(runs)
             lines.append(f"| {batch} | {name} | {median:.1f} | {median / base:.3f} | "
                          f"{', '.join(f'{t:.1f}' for t in runs)} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    _report.emit("\n".join(lines), args.out)
     return 0
 
 
