@@ -26,7 +26,6 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ import time
 START = time.perf_counter()
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from compile_cost import add_worker_arguments, run_json_process  # noqa: E402
 
 DYNAMIC = 'backend = "inductor"\n[buckets]\ndynamic_lengths = true\nprefill_tokens = 2048\n'
 VARIANTS = {
@@ -68,22 +69,14 @@ def worker(args) -> dict:
 
 
 def run_worker(model: str, variant: str, work: str) -> dict:
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(work, "inductor")}
-    cmd = [sys.executable, __file__, "--worker", "--model-path", model, "--variant", variant, "--work", work,
-           "--cache-dir", os.path.join(work, "graphs")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=4 * 3600)
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-3000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_process(__file__, ["--model-path", model, "--variant", variant, "--work", work,
+                                       "--cache-dir", os.path.join(work, "graphs")],
+                            os.path.join(work, "inductor"), 4 * 3600)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model-path", help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    add_worker_arguments(p, VARIANTS)
     p.add_argument("--models", default="tiny-llama,llama-3.2-1b")
     p.add_argument("--variants", default="dynamic,dynamic-regional")
     p.add_argument("--out", help="also write the Markdown report here")

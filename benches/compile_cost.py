@@ -96,14 +96,13 @@ def worker(args) -> dict:
     return out
 
 
-def run_worker(model_path: str, variant: str, work: str, cache_dir: str, inductor_dir: str, args,
-               steps: int = 0) -> dict:
+def run_json_process(script: str, worker_args: list[str], inductor_dir: str, timeout_s: float) -> dict:
+    """Run `script --worker ...` in a fresh process on its own inductor cache folder -> the JSON
+    object its last stdout line holds, plus process_s (or {"error": its stderr's tail})."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir}
-    cmd = [sys.executable, __file__, "--worker", "--model-path", model_path, "--variant", variant, "--work", work,
-           "--cache-dir", cache_dir, "--prefill-len", str(args.prefill_len), "--context", str(args.context),
-           "--steps", str(steps), "--decode-batches", *map(str, args.decode_batches)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run([sys.executable, script, "--worker", *worker_args], env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
     if proc.returncode != 0:
         return {"error": proc.stderr[-3000:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -111,14 +110,27 @@ def run_worker(model_path: str, variant: str, work: str, cache_dir: str, inducto
     return result
 
 
+def add_worker_arguments(p: argparse.ArgumentParser, variants) -> None:
+    """The hidden options a worker process gets (run_json_process passes --worker itself)."""
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-path", help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=sorted(variants), help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+
+
+def run_worker(model_path: str, variant: str, work: str, cache_dir: str, inductor_dir: str, args,
+               steps: int = 0) -> dict:
+    return run_json_process(__file__, ["--model-path", model_path, "--variant", variant, "--work", work,
+                                       "--cache-dir", cache_dir, "--prefill-len", str(args.prefill_len),
+                                       "--context", str(args.context), "--steps", str(steps),
+                                       "--decode-batches", *map(str, args.decode_batches)], inductor_dir, 3600)
+
+
 # ---- the driver ----------------------------------------------------------------------------------
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--model-path", help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    add_worker_arguments(p, VARIANTS)
     p.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--models", default="qwen2.5-0.5b,llama-3.2-1b")
     p.add_argument("--layers", default="4,8", help="also these cut depths of qwen2.5-0.5b (the depth curve)")

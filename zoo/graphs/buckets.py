@@ -8,7 +8,7 @@ graph per (batch, length) and per (batch, context).
 Dynamic lengths (`dynamic_lengths`): the prompt length and the decode context are a dynamic
 dimension of the graph, padded up to a multiple of `length_multiple` only. One prefill and one
 decode graph per batch bucket serve every length up to max_seq_len; on CPU this costs what a
-static graph of the same length costs (benches/results/compile_cost-*.md) and pads far less.
+static graph of the same length costs (benches/results/dynamic_lengths-*.md) and pads far less.
 
 `prefill_tokens` caps the padded tokens (batch bucket x length) of one prefill call: larger groups
 of prompts are split, and with static lengths the (batch, length) graphs past the cap are never
@@ -85,8 +85,7 @@ class Buckets:
         """(batch, length) of every prefill graph, small lengths first; length None: dynamic."""
         if self.dynamic_lengths:
             return [(B, None) for B in self.batch_sizes]
-        return [(B, S) for S in self.prefill_lens for B in self.batch_sizes
-                if B == 1 or self.prefill_tokens is None or B * S <= self.prefill_tokens]
+        return [(B, S) for S in self.prefill_lens for B in self.batch_sizes if self.prefill_fits(B, S)]
 
     def decode_graphs(self) -> list[tuple[int, int | None]]:
         """(batch, context) of every decode graph; context None: dynamic, or the whole cache."""
