@@ -7,6 +7,7 @@ gets a TPModel: a proxy that forwards every Model attribute and method to the ra
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.config import ModelConfig
+from zoo.config import DEFAULT_INT4_GROUP_SIZE, ModelConfig, Quantization
 from zoo.device import default_cache_dir, default_dtype, parse_dtype, resolve_device
 from zoo.distributed.comm import SINGLE, TPContext
 from zoo.engine import Engine, GenerationResult, Request, SamplingParams, StreamEvent, encode_prompt, stream_events
@@ -26,6 +27,7 @@ from zoo.errors import ConfigError, RequestError
 from zoo.graphs import Buckets, GraphRunner, KVCache, build_runner
 from zoo.graphs.compile_config import (CompileConfig, check_inductor_overrides, default_config_path,
                                        load_compile_config)
+from zoo.layers.linear import pack_quantized_layers, quantize_linear_layers
 from zoo.loader import load_weights
 from zoo.log import log
 from zoo.models import ModelSpec, embedded_model_path, read_config, spec_for
@@ -87,12 +89,13 @@ def load_rank(settings: LoadSettings, tp: TPContext) -> "Model":
     """The load steps in this process (one rank's shard under tensor parallelism)."""
     t0 = time.perf_counter()
     path = settings.model_path
-    config = read_config(path)
+    config = _with_quantization(read_config(path), settings)
     spec = spec_for(config)
     plan = _plan(settings, config, spec)
     tokenizer = load_tokenizer(path)
     module = _build_module(spec, config, tp)
     load_weights(module, path, plan.dtype, plan.device, check_finite=settings.check_weights)
+    pack_quantized_layers(module, plan.dtype)  # int4 into the CPU kernel's layout
     module.eval()
     cache = KVCache(config.num_layers, plan.max_batch_size, module.num_local_kv_heads, plan.max_seq_len,
                     config.head_dim, plan.dtype, plan.device)
@@ -149,10 +152,38 @@ def _exported_shapes(settings: LoadSettings) -> tuple[int, int, Buckets, torch.d
     return manifest["cache"]["num_slots"], manifest["cache"]["max_seq_len"], buckets, parse_dtype(manifest["dtype"])
 
 
+def _with_quantization(config: ModelConfig, settings: LoadSettings) -> ModelConfig:
+    """The config with the quantization the model runs with: the checkpoint's own (python -m
+    zoo.quantize), the export's, or settings.quantize applied to a float checkpoint while loading."""
+    asked = settings.quantize
+    if asked is None and settings.exported:
+        from zoo.graphs.aoti import read_manifest
+
+        exported = read_manifest(settings.compiled).get("quantization")
+        return config if exported is None else dataclasses.replace(config, quantization=Quantization.from_hf(
+            exported, settings.compiled))
+    if asked is None:
+        return config
+    group_size = settings.quantize_group_size or DEFAULT_INT4_GROUP_SIZE
+    have = config.quantization
+    if have is not None:
+        if have.mode != asked or (settings.quantize_group_size and have.group_size != group_size):
+            raise ConfigError(f"{config.source}: the checkpoint is already quantized ({have.describe()}); load it "
+                              f"without --quantize, or quantize the float checkpoint to {asked}")
+        return config
+    lm_head = None if config.tie_word_embeddings else "int8"  # a tied head is the embedding table: stays float
+    return dataclasses.replace(config, quantization=Quantization(asked, group_size, lm_head))
+
+
 def _build_module(spec: ModelSpec, config: ModelConfig, tp: TPContext) -> torch.nn.Module:
-    """The model's modules on the meta device: no memory until load_weights fills each parameter."""
+    """The model's modules on the meta device: no memory until load_weights fills each parameter.
+    Quantized models hold their linears' stored quantized tensors in place of the float weights."""
     with torch.device("meta"):
-        return spec.model_class(config, tp)
+        module = spec.model_class(config, tp)
+    q = config.quantization
+    if q is not None:
+        quantize_linear_layers(module, q.mode, q.group_size, q.lm_head)
+    return module
 
 
 def _eos_token_ids(config: ModelConfig, tokenizer: Tokenizer | None, model_path: str) -> set[int]:
@@ -189,7 +220,8 @@ def _log_loaded(model: "Model", runner: GraphRunner, tp: TPContext, seconds: flo
     tp_note = (f", tensor-parallel rank {tp.rank} of {tp.world_size}" + (" (mc2)" if tp.use_mc2 else "")
                if tp.enabled else "")
     cache = model.engine.cache
-    log(f"loaded {model.config.architecture} from {model.path} on {model.device} ({model.dtype}){tp_note} in "
+    quant = f", {model.config.quantization.describe()}" if model.config.quantization else ""
+    log(f"loaded {model.config.architecture} from {model.path} on {model.device} ({model.dtype}{quant}){tp_note} in "
         f"{seconds:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache {cache.nbytes / 2**20:.1f} MiB "
         f"({cache.num_slots} slots x {cache.max_seq_len} tokens); {graphs}")
 

@@ -37,6 +37,54 @@ class RopeConfig:
     original_max_position_embeddings: int | None = None
 
 
+# Weight-only quantization modes (zoo.layers.quant) and the CPU int4 kernel's group sizes.
+QUANT_MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_INT4_GROUP_SIZE = 64
+QUANT_METHOD = "zoo-weight-only"  # config.json quantization_config.quant_method of `python -m zoo.quantize`
+QUANT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a model's linear weights are held: `mode` for the decoder layers, `lm_head` for the LM
+    head (None: float). int4 uses groups of `group_size` input columns (a layer whose width it does
+    not divide uses the largest smaller size of INT4_GROUP_SIZES that does)."""
+
+    mode: str
+    group_size: int = DEFAULT_INT4_GROUP_SIZE
+    lm_head: str | None = "int8"
+
+    def __post_init__(self):
+        if self.mode not in QUANT_MODES:
+            raise ConfigError(f"unknown quantization {self.mode!r}; use one of {', '.join(QUANT_MODES)}")
+        if self.lm_head not in (None, *QUANT_MODES):
+            raise ConfigError(f"unknown LM-head quantization {self.lm_head!r}; use one of {', '.join(QUANT_MODES)}")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"int4 group size must be one of {list(INT4_GROUP_SIZES)}, got {self.group_size!r}")
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json's quantization_config for a checkpoint in this form (see docs/quantization.md)."""
+        return {"quant_method": QUANT_METHOD, "format_version": QUANT_FORMAT_VERSION, "mode": self.mode,
+                "group_size": self.group_size, "lm_head": self.lm_head}
+
+    @classmethod
+    def from_hf(cls, raw: Any, source: str) -> "Quantization":
+        if not isinstance(raw, dict) or raw.get("quant_method") != QUANT_METHOD:
+            method = raw.get("quant_method") if isinstance(raw, dict) else raw
+            raise ConfigError(f"{source}: quantization_config with quant_method {method!r} is not supported; zoo "
+                              f"reads its own weight-only format ({QUANT_METHOD!r}, written by python -m "
+                              "zoo.quantize from a float checkpoint)")
+        if raw.get("format_version") != QUANT_FORMAT_VERSION:
+            raise ConfigError(f"{source}: quantization_config format_version {raw.get('format_version')!r} is not "
+                              f"{QUANT_FORMAT_VERSION}")
+        return cls(raw.get("mode"), raw.get("group_size", DEFAULT_INT4_GROUP_SIZE), raw.get("lm_head"))
+
+    def describe(self) -> str:
+        int4 = f" (groups of {self.group_size})" if "int4" in (self.mode, self.lm_head) else ""
+        return f"{self.mode} weights{int4}, LM head {self.lm_head or 'float'}"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: str
@@ -62,6 +110,7 @@ class ModelConfig:
     torch_dtype: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    quantization: Quantization | None = None  # weight-only quantized linears (None: float weights)
     source: str = ""  # path of the config.json, for error messages
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -99,6 +148,9 @@ class ModelConfig:
         if raw.get("pretraining_tp", 1) not in (1, None):
             raise ConfigError(f"{source}: pretraining_tp={raw['pretraining_tp']} is not supported (only 1)")
 
+        quant_raw = (original or raw).get("quantization_config")
+        quantization = None if quant_raw is None else Quantization.from_hf(quant_raw, source)
+
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
 
@@ -124,6 +176,7 @@ class ModelConfig:
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization=quantization,
             source=source,
             raw=raw if original is None else original,
         )

@@ -184,6 +184,38 @@ def _checkpoint_pieces(model: nn.Module, name: str, shape: tuple[int, ...], n_pi
                           "parameters in the parallel linear layers of zoo.layers.linear")
 
 
+def _plan_quantize_on_load(model: nn.Module, plan: dict, pieces: dict, available: set[str]) -> dict[str, nn.Module]:
+    """For each quantized layer (zoo.layers.linear.QuantizableLinear with a quant_mode) whose stored
+    tensors (`qweight`, ...) the checkpoint lacks but whose float `weight` it has: replace the
+    stored tensors in `plan` / `pieces` by one entry reading the float weight (the layer's
+    float_weight_pieces, into float_weight_shape). Returns that entry's name -> the layer, whose
+    quantized_state() turns the weight read into the stored tensors."""
+    by_layer: dict[str, nn.Module] = {}
+    for name in list(plan):
+        layer_path, _, leaf = name.rpartition(".")
+        if leaf != "qweight":
+            continue
+        if all(_source_name(src) in available for src in plan[name]):
+            continue  # a quantized checkpoint: read as is
+        layer = model.get_submodule(layer_path)
+        weight_sources = [_with_leaf(src, "weight") for src in plan[name]]
+        if not all(_source_name(src) in available for src in weight_sources):
+            continue  # neither form: step 1 reports the missing stored tensor
+        for stored in [n for n in plan if n.rpartition(".")[0] == layer_path and n.rpartition(".")[2] != "bias"]:
+            del plan[stored], pieces[stored]
+        weight = f"{layer_path}.weight"
+        plan[weight], pieces[weight] = weight_sources, layer.float_weight_pieces()
+        by_layer[weight] = layer
+    return by_layer
+
+
+def _with_leaf(src: "str | CheckpointRows", leaf: str) -> "str | CheckpointRows":
+    """The same checkpoint source with its last name component (qweight, ...) replaced by leaf."""
+    if isinstance(src, CheckpointRows):
+        return CheckpointRows(f"{src.name.rpartition('.')[0]}.{leaf}", src.start, src.stop)
+    return f"{src.rpartition('.')[0]}.{leaf}"
+
+
 def _part_rows(part, out_rows: int) -> int:
     return out_rows if part is None or part[0] != 0 else part[2] - part[1]
 
@@ -197,6 +229,7 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
     (benches/weight_check_cost.py measures what the check costs)."""
     tp = getattr(model, "tp", None)
     rank, world_size = (tp.rank, tp.world_size) if tp is not None else (0, 1)
+    quantize_on_load: dict[str, nn.Module] = {}
     presharded = read_tp_manifest(model_dir)
     if presharded is not None:
         if presharded["tp_size"] != world_size:
@@ -215,6 +248,8 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
         params = dict(model.named_parameters())
         pieces = {name: _checkpoint_pieces(model, name, tuple(params[name].shape), len(sources))
                   for name, sources in plan.items()}
+    # quantized layers whose checkpoint holds the float weight: read it, quantize on the way in
+    quantize_on_load = _plan_quantize_on_load(model, plan, pieces, ckpt.names())
 
     # 1. validate names and shapes from the headers alone
     available = ckpt.names()
@@ -249,11 +284,16 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
     # 2. read (this rank's part of each tensor), fuse and convert one tensor at a time
     state = {}
     for name, sources in plan.items():
-        shape = params[name].shape
+        layer = quantize_on_load.get(name)
+        if layer is not None:  # the float weight of a quantized layer, read in float32 and quantized below
+            shape, param_dtype = layer.float_weight_shape(), torch.float32
+        else:
+            shape = params[name].shape
+            param_dtype = dtype if params[name].is_floating_point() else params[name].dtype  # int8 / uint8 stay
         covered = sum(_part_rows(part, shape[0] if len(shape) else 1) for _, part in pieces[name])
         # rows no checkpoint tensor covers (vocab padding under tensor parallelism) stay zero
         out = (torch.empty if covered == (shape[0] if len(shape) else 1) else torch.zeros)(
-            shape, dtype=dtype, device=device)
+            shape, dtype=param_dtype, device=device)
         row = 0
         for src, (piece_shape, part) in zip(sources, pieces[name]):
             rows = _part_rows(part, piece_shape[0] if len(piece_shape) else 1)
@@ -261,7 +301,12 @@ def load_weights(model: nn.Module, model_dir: str, dtype: torch.dtype, device: t
             row += rows
         if check_finite and out.is_floating_point() and out.numel() and not _all_finite(out):
             _refuse_non_finite(name, out, [_source_name(src) for src in sources], model_dir)
-        state[name] = out
+        if layer is not None:
+            layer_path = name.rpartition(".")[0]
+            for leaf, value in layer.quantized_state(out).items():
+                state[f"{layer_path}.{leaf}"] = value.to(dtype) if value.is_floating_point() else value
+        else:
+            state[name] = out
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     for name, p in model.named_parameters():

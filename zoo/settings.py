@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zoo.config import DTYPE_ALIASES, DTYPE_NAMES
+from zoo.config import DTYPE_ALIASES, DTYPE_NAMES, INT4_GROUP_SIZES, QUANT_MODES
 
 if TYPE_CHECKING:  # torch and what needs it are imported when a model is loaded, not to parse options
     import torch
@@ -36,6 +36,14 @@ class LoadSettings:
     dtype: str | torch.dtype | None = field(default=None, metadata=_cli(
         "--dtype", choices=DTYPE_NAMES, help="weights and KV cache dtype (default: the checkpoint's; float16 "
                                                "becomes bfloat16 on cpu)"))
+    quantize: str | None = field(default=None, metadata=_cli(
+        "--quantize", choices=QUANT_MODES,
+        help="weight-only quantization of the linear layers while loading a float checkpoint: int8 (one scale per "
+             "output channel) or int4 (a scale and offset per group of input columns); the LM head becomes int8. "
+             "A checkpoint written by python -m zoo.quantize is loaded as it is, without this option"))
+    quantize_group_size: int | None = field(default=None, metadata=_cli(
+        "--quantize-group-size", type=int, choices=INT4_GROUP_SIZES,
+        help="with --quantize int4: input columns per scale (default 64)"))
     compiled: bool | str = field(default=False, metadata=_cli(
         "--compiled", nargs="?", const=True, metavar="EXPORT_DIR",
         help="run prefill/decode as compiled graphs: torch.compile'd per shape bucket (cached on disk), or, given "
@@ -114,6 +122,13 @@ class LoadSettings:
             positive_int("tp")
         if isinstance(self.dtype, str) and self.dtype.removeprefix("torch.") not in (*DTYPE_NAMES, *DTYPE_ALIASES):
             raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPE_NAMES)}")
+        if self.quantize is not None and self.quantize not in QUANT_MODES:
+            raise ValueError(f"unknown quantize {self.quantize!r}; use one of {', '.join(QUANT_MODES)}")
+        if self.quantize_group_size is not None and self.quantize != "int4":
+            raise ValueError("quantize_group_size goes with quantize='int4'")
+        if self.quantize_group_size is not None and self.quantize_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"quantize_group_size must be one of {list(INT4_GROUP_SIZES)}, "
+                             f"got {self.quantize_group_size!r}")
         if not isinstance(self.compiled, (bool, str)):
             raise ValueError(f"compiled must be True, False or an export folder, got {self.compiled!r}")
         if self.compile_in_background and self.compiled is not True:

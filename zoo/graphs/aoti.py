@@ -121,6 +121,7 @@ def _identity(module: nn.Module, cache: KVCache) -> dict:
         "architecture": config.architecture,
         "config_sha256": config_hash(config.raw),
         "dtype": dtype_name(_module_dtype(module)),
+        "quantization": None if config.quantization is None else config.quantization.to_hf(),
         "device": cache.k[0].device.type,
         "cache": cache_geometry(cache),
     }
@@ -247,9 +248,9 @@ def read_manifest(export_dir: str) -> dict:
 
 def _check_matches(export_dir: str, manifest: dict, actual: dict) -> None:
     """ValueError naming the first field where the export and the given module/cache disagree."""
-    for key in ("torch_version", "architecture", "config_sha256", "dtype", "device"):
-        if manifest[key] != actual[key]:
-            raise ValueError(f"{export_dir!r} was exported with {key}={manifest[key]!r}, but the given "
+    for key in ("torch_version", "architecture", "config_sha256", "dtype", "quantization", "device"):
+        if manifest.get(key) != actual[key]:
+            raise ValueError(f"{export_dir!r} was exported with {key}={manifest.get(key)!r}, but the given "
                              f"model/cache has {key}={actual[key]!r}; re-export with python -m zoo.export")
     for key, value in actual["cache"].items():
         if manifest["cache"].get(key) != value:

@@ -61,6 +61,8 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
     if buckets.dynamic_lengths and (backend != "inductor" or options.get("triton.cudagraphs")):
         raise CompileConfigError(f"{compile_config.source}: dynamic lengths need the inductor backend without CUDA "
                                  "graphs (torchair graphs are static-shaped; CUDA graphs record one graph per length)")
+    if module.config.quantization is not None:  # also when quantized while loading (not in config.json)
+        fingerprint["quantization"] = module.config.quantization.to_hf()
     if tp.enabled:
         fingerprint["tp"] = tp.fingerprint()  # each rank compiles (and caches) its own shard's graphs
     description = f"{backend}, options {options}" + (", regional (one layer compiled)" if compile_config.regional else "")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.layers.linear import ColumnParallelLinear, Slice
+from zoo.layers.linear import ColumnParallelLinear, Piece, Slice
 from zoo.distributed.comm import SINGLE, TPContext, all_reduce
 
 
@@ -47,6 +47,8 @@ class VocabParallelEmbedding(nn.Embedding):
 class ParallelLMHead(ColumnParallelLinear):
     """Column-parallel over the (padded) vocabulary; logits all-gathered, padding sliced off."""
 
+    is_lm_head = True  # quantize_linear_layers gives it its own mode
+
     def __init__(self, dim: int, vocab_size: int, tp: TPContext | None = None):
         tp = tp or SINGLE
         start, stop, padded = vocab_range(vocab_size, tp)
@@ -54,7 +56,7 @@ class ParallelLMHead(ColumnParallelLinear):
                          piece_ranges=[(start, stop)], gather_output=True)
         self.vocab_size = vocab_size
 
-    def checkpoint_pieces(self, leaf: str) -> list[tuple[tuple[int, ...], Slice]]:
+    def weight_pieces(self) -> list[Piece]:
         start, stop = self.piece_ranges[0]
         return [((self.vocab_size, self.in_features), (0, start, min(stop, self.vocab_size)))]
 

@@ -13,6 +13,12 @@ along dim 0 in the parameter). zoo.loader reads only that range of each tensor.
   QKVParallelLinear     fused [q; k; v], q heads split evenly, k/v heads split or replicated (GQA)
   RowParallelLinear     y = all_reduce(x_r W_r^T) + b   W split by input columns; bias once, after
                         the reduce. use_mc2 overlaps the matmul with the all-reduce (see forward).
+
+Weight-only quantization (zoo.layers.quant): `quantize_linear_layers` turns a model's layers, still
+on the meta device, into holders of the stored form (`qweight`, `scales`[, `zeros`] instead of
+`weight`); each shard is the same slice of the stored tensors as of the float weight. The loader
+fills them from a quantized checkpoint, or reads the float weight and calls `quantized_state`.
+`pack_quantized_layers` then puts them in the run-time layout of the device's kernels.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from torch import nn
 
 from zoo.config import tp_head_split_problem
 from zoo.distributed.comm import SINGLE, TPContext, all_gather_last_dim, all_reduce, wait
+from zoo.layers import quant
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,9 +50,132 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 Slice = tuple[int, int, int]  # (dim, start, stop) in the checkpoint tensor
+Piece = tuple[tuple[int, ...], Slice]  # (the checkpoint tensor's global shape, the part this rank reads)
 
 
-class ColumnParallelLinear(nn.Linear):
+class QuantizableLinear(nn.Linear):
+    """An nn.Linear whose weight can be held weight-only quantized. Subclasses say where their float
+    weight's shard lives in the checkpoint (`weight_pieces`); the stored quantized tensors' shards
+    follow from it (`checkpoint_pieces`), so tensor parallelism reads each rank's part of them too."""
+
+    quant_mode: str | None = None  # None: a float `weight`; else "int8" | "int4"
+    group_size: int = 0  # int4: input columns per scale
+    packed_for_cpu = False  # int4 held in the layout of ATen's CPU kernel (pack_quantized_layers)
+
+    def weight_pieces(self) -> list[Piece]:
+        raise NotImplementedError
+
+    def checkpoint_pieces(self, leaf: str) -> list[Piece]:
+        if leaf == "bias":
+            return self.bias_pieces()
+        pieces = self.weight_pieces()
+        if leaf == "weight":
+            return pieces
+        return [self._stored_piece(leaf, shape, part) for shape, part in pieces]
+
+    def bias_pieces(self) -> list[Piece]:
+        return [((n,), (0, start, stop)) for (n, _), (_, start, stop) in self.weight_pieces()]
+
+    def _stored_piece(self, leaf: str, shape: tuple[int, ...], part: Slice) -> Piece:
+        """The piece of stored tensor `leaf` that matches float-weight piece (shape, part)."""
+        rows, cols = shape
+        dim, start, stop = part
+        if leaf == "qweight":
+            per = 2 if self.quant_mode == "int4" else 1  # int4: two columns per byte
+        elif self.quant_mode == "int8":  # scales [N]: one per row, whole for a column shard
+            return ((rows,), (0, start, stop) if dim == 0 else (0, 0, rows))
+        else:  # int4 scales / zeros [N, K/G]
+            per = self.group_size
+        return ((rows, cols // per), (dim, start, stop) if dim == 0 else (1, start // per, stop // per))
+
+    # ---- quantization ----------------------------------------------------------------------------------
+    def quantize_weights(self, mode: str, group_size: int) -> None:
+        """Hold the stored form of `mode` instead of `weight` (on the meta device, before loading)."""
+        out_features, in_features = self.weight.shape
+        global_in = self.weight_pieces()[0][0][1]
+        if mode == "int4":
+            group_size = quant.int4_group_size(global_in, group_size)
+            if in_features % group_size:
+                raise ValueError(f"int4 with groups of {group_size} columns cannot split {global_in} input "
+                                 f"features into shards of {in_features}")
+        device = self.weight.device
+        del self.weight
+        self.quant_mode, self.group_size = mode, group_size
+        shapes = {"qweight": (out_features, in_features // (2 if mode == "int4" else 1)),
+                  "scales": (out_features,) if mode == "int8" else (out_features, in_features // group_size)}
+        shapes["zeros"] = shapes["scales"]
+        for leaf in quant.stored_leaves(mode):
+            dtype = {"qweight": torch.int8 if mode == "int8" else torch.uint8}.get(leaf, torch.float32)
+            self.register_parameter(leaf, nn.Parameter(torch.empty(shapes[leaf], dtype=dtype, device=device),
+                                                       requires_grad=False))
+
+    def float_weight_pieces(self) -> list[Piece]:
+        """What the loader reads to quantize this layer from a float checkpoint ..."""
+        return self.weight_pieces()
+
+    def float_weight_shape(self) -> tuple[int, int]:
+        """... into a tensor of this shape."""
+        return (self.out_features, self.in_features)
+
+    def quantized_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of this layer from the float weight the loader read."""
+        return quant.quantize(weight, self.quant_mode, self.group_size)
+
+    def pack_for_device(self, dtype: torch.dtype) -> None:
+        """After loading: int4 on CPU goes into the CPU kernel's layout (when its rows fit it)."""
+        if self.quant_mode != "int4" or self.qweight.device.type != "cpu":
+            return
+        if not quant.cpu_int4_kernel_fits(self.qweight.shape[0]):
+            return  # dequantize + matmul from the stored form
+        packed = quant.pack_int4_for_cpu({leaf: getattr(self, leaf).data for leaf in ("qweight", "scales", "zeros")},
+                                         dtype)
+        del self.qweight, self.scales, self.zeros
+        for leaf, value in packed.items():
+            self.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+        self.packed_for_cpu = True
+
+    def quantized_params(self) -> dict[str, torch.Tensor]:
+        names = ("qweight", "scales_and_zeros") if self.packed_for_cpu else quant.stored_leaves(self.quant_mode)
+        return {leaf: getattr(self, leaf) for leaf in names}
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., K] @ W^T (+ bias) -> [..., N], with the float weight or its quantized form."""
+        if self.quant_mode is None:
+            return linear(x, self.weight, bias)
+        y = quant.weight_only_matmul(x, self.quant_mode, self.quantized_params(), self.packed_for_cpu)
+        return y if bias is None else y + bias
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weight as held (quantized or not), what one full matmul reads."""
+        if self.quant_mode is None:
+            return self.weight.numel() * self.weight.element_size()
+        return sum(t.numel() * t.element_size() for t in self.quantized_params().values())
+
+    def extra_repr(self) -> str:
+        mode = f", {self.quant_mode}" + (f" (groups of {self.group_size})" if self.quant_mode == "int4" else "")
+        return super().extra_repr() + (mode if self.quant_mode else "")
+
+
+def quantize_linear_layers(model: nn.Module, mode: str, group_size: int, lm_head_mode: str | None) -> None:
+    """Every QuantizableLinear of `model` (on the meta device) holds `mode` weights, except layers
+    marked `is_lm_head`, which hold `lm_head_mode` (None: they stay float, e.g. tied to the embedding)."""
+    for module in model.modules():
+        if not isinstance(module, QuantizableLinear) or module.quant_mode is not None:
+            continue
+        layer_mode = lm_head_mode if getattr(module, "is_lm_head", False) else mode
+        if layer_mode is not None:
+            module.quantize_weights(layer_mode, group_size)
+
+
+def pack_quantized_layers(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.modules():
+        if isinstance(module, QuantizableLinear) and module.quant_mode is not None:
+            module.pack_for_device(dtype)
+
+
+
+class ColumnParallelLinear(QuantizableLinear):
     """Output features split across ranks. `pieces` are the global row counts of the checkpoint
     tensors fused into this layer (default: one piece of out_features); each piece is split
     evenly unless `piece_ranges` gives this rank's [start, stop) rows of each piece."""
@@ -62,12 +192,11 @@ class ColumnParallelLinear(nn.Linear):
         self.tp, self.pieces, self.piece_ranges = tp, list(pieces), list(piece_ranges)
         self.gather_output = gather_output
 
-    def checkpoint_pieces(self, leaf: str) -> list[tuple[tuple[int, ...], Slice]]:
-        tail = (self.in_features,) if leaf == "weight" else ()
-        return [((n, *tail), (0, start, stop)) for n, (start, stop) in zip(self.pieces, self.piece_ranges)]
+    def weight_pieces(self) -> list[Piece]:
+        return [((n, self.in_features), (0, start, stop)) for n, (start, stop) in zip(self.pieces, self.piece_ranges)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.bias)
         if self.gather_output and self.tp.enabled:
             y = all_gather_last_dim(y, self.tp)
         return y
@@ -117,7 +246,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads, self.num_kv_heads = q1 - q0, k1 - k0  # local head counts
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(QuantizableLinear):
     """Input features split across ranks; the partial outputs are summed with an all-reduce and
     the bias is added once, after it.
 
@@ -133,20 +262,38 @@ class RowParallelLinear(nn.Linear):
         super().__init__(self.in_range[1] - self.in_range[0], out_features, bias=bias)
         self.tp, self.global_in_features = tp, in_features
 
-    def checkpoint_pieces(self, leaf: str) -> list[tuple[tuple[int, ...], Slice]]:
-        if leaf == "weight":
-            return [((self.out_features, self.global_in_features), (1, *self.in_range))]
+    def weight_pieces(self) -> list[Piece]:
+        return [((self.out_features, self.global_in_features), (1, *self.in_range))]
+
+    def bias_pieces(self) -> list[Piece]:
         return [((self.out_features,), (0, 0, self.out_features))]  # bias: whole, added after the reduce
+
+    # int8 scales span whole rows: read them whole, so every rank's shard matches tp=1's quantization
+    def float_weight_pieces(self) -> list[Piece]:
+        if self.quant_mode == "int8" and self.tp.enabled:
+            return [((self.out_features, self.global_in_features), (0, 0, self.out_features))]
+        return self.weight_pieces()
+
+    def float_weight_shape(self) -> tuple[int, int]:
+        if self.quant_mode == "int8" and self.tp.enabled:
+            return (self.out_features, self.global_in_features)
+        return super().float_weight_shape()
+
+    def quantized_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = super().quantized_state(weight)
+        if self.quant_mode == "int8" and self.tp.enabled:
+            state["qweight"] = state["qweight"][:, self.in_range[0]:self.in_range[1]].contiguous()
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.tp.enabled:
-            return linear(x, self.weight, self.bias)
-        if self.tp.use_mc2:
-            if x.device.type == "npu":
-                return self._npu_mm_all_reduce(x)
+            return self.matmul(x, self.bias)
+        if self.tp.use_mc2 and x.device.type == "npu" and self.quant_mode is None:
+            return self._npu_mm_all_reduce(x)
+        if self.tp.use_mc2 and self.quant_mode is None:
             y = self._chunked_matmul_all_reduce(x)
-        else:
-            y = all_reduce(linear(x, self.weight), self.tp)
+        else:  # (quantized weights are not split into mc2 chunks: their layouts come in row blocks)
+            y = all_reduce(self.matmul(x), self.tp)
         return y if self.bias is None else y + self.bias
 
     def _chunked_matmul_all_reduce(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ _RENAMES = [
     (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"transformer.h.\1.mlp.c_proj."),
     (r"^lm_head\.", "lm_head."),
 ]
-_QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+_QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(\w+)$")
 
 
 def qwen1_as_llama_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:

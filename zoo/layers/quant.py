@@ -1,0 +1,147 @@
+"""Weight-only quantization of linear layers: int8 with one scale per output channel, int4 with a
+scale and an offset per group of `group_size` input columns. Activations stay bf16 / fp32.
+
+The stored form (what `python -m zoo.quantize` writes, and what a linear layer holds while
+loading) replaces a checkpoint's `<name>.weight` W [N, K] with:
+  int8  <name>.qweight  int8  [N, K]       W ~= qweight * scales[:, None]
+        <name>.scales   float [N]          scales = max |W[n, :]| / 127 (symmetric)
+  int4  <name>.qweight  uint8 [N, K / 2]   q in 0..15, column 2j in the low nibble, 2j + 1 in the high one
+        <name>.scales   float [N, K / G]   W[n, g*G:(g+1)*G] ~= (q - 8) * scales[n, g] + zeros[n, g]
+        <name>.zeros    float [N, K / G]   (min / max of each group map to q = 0 / 15)
+The group size of a tensor is K / scales.shape[1], so the tensors describe themselves.
+
+Kernels (measured in benches/results/quantized_linear-cpu-*.md): on CPU a few rows (decode) run
+ATen's weight-only kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, which read
+the int8 / int4 weights and convert inside the kernel: no full-precision copy of the weight is
+made. With many rows (prefill) the weight is dequantized once per call and multiplied by the
+float matmul, because those kernels are built for few rows (at 256 rows they ran 4.5x slower than
+dequantize + matmul). On other devices the dequantize + matmul form is used for every call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from zoo.config import INT4_GROUP_SIZES
+# Up to this many rows per call the weight-only kernels run; above it, dequantize + matmul.
+WEIGHT_ONLY_KERNEL_MAX_ROWS = 16
+
+
+def stored_leaves(mode: str) -> tuple[str, ...]:
+    """The tensors that replace `weight` in the stored form of `mode`."""
+    return ("qweight", "scales") if mode == "int8" else ("qweight", "scales", "zeros")
+
+
+def int4_group_size(in_features: int, group_size: int) -> int:
+    """The group size used for a weight with `in_features` columns: `group_size`, or the largest of
+    the CPU kernel's sizes below it that divides in_features (small models have odd widths)."""
+    for g in sorted((g for g in INT4_GROUP_SIZES if g <= group_size), reverse=True):
+        if in_features % g == 0:
+            return g
+    raise ValueError(f"int4 needs the input features ({in_features}) to be a multiple of one of "
+                     f"{[g for g in INT4_GROUP_SIZES if g <= group_size]} (group size {group_size})")
+
+
+# ---- quantize / dequantize (load time and offline; plain tensor math) ---------------------------------
+
+def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """W [N, K] float -> qweight int8 [N, K], scales float32 [N]."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
+    qweight = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return {"qweight": qweight, "scales": scales}
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
+    """W [N, K] float -> qweight uint8 [N, K/2], scales / zeros float32 [N, K/G] (see the module doc)."""
+    n, k = w.shape
+    g = int4_group_size(k, group_size)
+    groups = w.float().reshape(n, k // g, g)  # [N, K/G, G]
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, K/G]
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((groups - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    zeros = lo + 8 * scales  # the value of q = 8, as ATen's int4 kernels expect
+    return {"qweight": q[:, 0::2] | (q[:, 1::2] << 4), "scales": scales, "zeros": zeros}
+
+
+def quantize(w: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
+    return quantize_int8(w) if mode == "int8" else quantize_int4(w, group_size)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] of values 0..15."""
+    return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(qweight.shape[0], -1)
+
+
+def dequantize(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The stored form (plain layout) -> W [N, K] in dtype."""
+    if "zeros" not in stored:
+        return (stored["qweight"].to(dtype) * stored["scales"].to(dtype)[:, None])
+    q = unpack_int4(stored["qweight"])  # [N, K]
+    n, k = q.shape
+    groups = stored["scales"].shape[1]
+    scales, zeros = stored["scales"].to(dtype)[..., None], stored["zeros"].to(dtype)[..., None]  # [N, K/G, 1]
+    return ((q.reshape(n, groups, k // groups).to(dtype) - 8) * scales + zeros).reshape(n, k)
+
+
+# ---- the run-time form ----------------------------------------------------------------------------------
+
+def cpu_int4_kernel_fits(out_features: int) -> bool:
+    return out_features % 16 == 0  # ATen's CPU int4 packing works on blocks of 16 output rows
+
+
+def pack_int4_for_cpu(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Plain int4 -> the layout of ATen's CPU kernel: qweight in its block packing [N, K/2] and
+    scales_and_zeros [K/G, N, 2] in the activation dtype."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(stored["qweight"]).to(torch.int32), 1)
+    scales_and_zeros = torch.stack([stored["scales"], stored["zeros"]], dim=-1).transpose(0, 1)  # [K/G, N, 2]
+    return {"qweight": packed, "scales_and_zeros": scales_and_zeros.to(dtype).contiguous()}
+
+
+def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tensor], packed_for_cpu: bool) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] with W held quantized in `params` (a layer's run-time tensors)."""
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    qweight = params["qweight"]
+    few_rows = x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
+    if mode == "int8" and x.device.type == "cpu" and few_rows:
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
+    elif packed_for_cpu and few_rows:
+        groups = params["scales_and_zeros"].shape[0]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, x2.shape[1] // groups, params["scales_and_zeros"])
+    elif packed_for_cpu:  # many rows: dequantize from the kernel's layout, then the float matmul
+        y = F.linear(x2, _dequantize_cpu_packed_int4(qweight, params["scales_and_zeros"], x.dtype))
+    else:
+        y = F.linear(x2, dequantize(params, x.dtype))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def unpack_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
+    """ATen's CPU int4 packing [N, K/2] -> uint8 [N, K] of values 0..15. That packing (torch 2.13)
+    takes blocks of 64 output rows and one block of the N % 64 rows left (a multiple of 16). A
+    block of R rows is stored as [K, R / 2] bytes; byte (k, j) holds rows j and j + 32 of column k
+    in a 64-row block, rows 2j and 2j + 1 in the last one (low nibble first). tests/test_quant.py checks this
+    against the kernel, so a torch that packs otherwise fails there, not silently."""
+    n, half_k = packed.shape
+    k = 2 * half_k
+    parts, start = [], 0
+    for rows in (64, n % 64):  # whole 64-row blocks, then one block of what is left
+        count = (n - start) // rows * rows if rows else 0
+        if not count:
+            continue
+        block = packed[start:start + count].reshape(count // rows, k, rows // 2)  # [blocks, K, R/2]
+        low, high = block & 0xF, block >> 4
+        if rows == 64:
+            by_row = torch.cat([low, high], dim=-1)  # [blocks, K, R]: rows j, then j + 32
+        else:
+            by_row = torch.stack([low, high], dim=-1).reshape(count // rows, k, rows)  # rows 2j, 2j + 1
+        parts.append(by_row.transpose(1, 2).reshape(count, k))
+        start += count
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _dequantize_cpu_packed_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q = unpack_cpu_int4(packed)  # [N, K]
+    n, k = q.shape
+    groups = scales_and_zeros.shape[0]
+    sz = scales_and_zeros.transpose(0, 1).to(dtype)  # [N, K/G, 2]
+    return ((q.reshape(n, groups, k // groups).to(dtype) - 8) * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
