@@ -7,6 +7,8 @@ import os
 VARIANT_LABELS = {
     "zoo_eager": "zoo eager",
     "zoo_compiled": "zoo compiled",
+    "zoo_compiled_int8": "zoo compiled, int8 weights",
+    "zoo_compiled_int4": "zoo compiled, int4 weights",
     "zoo_aoti": "zoo AOTI export",
     "hf_eager": "transformers eager",
     "hf_compiled": "transformers compiled (static cache)",
@@ -198,6 +200,10 @@ def markdown(results: dict) -> str:
                 parts.append(f"zoo compiled TPOT = {z / h:.2f}x transformers compiled")
             if z and he:
                 parts.append(f"{he / z:.2f}x faster than transformers eager")
+            for mode in ("int8", "int4"):
+                zq = _med(per.get(f"zoo_compiled_{mode}"))
+                if z and zq:
+                    parts.append(f"{mode} TPOT = {zq / z:.2f}x zoo compiled")
             if parts:
                 ratios.append(f"- B{B}: " + ", ".join(parts))
         if g.get("tokens_match"):

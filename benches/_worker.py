@@ -7,6 +7,7 @@ run by hand).
 Variants:
   zoo_eager     zoo.load(compiled=False)
   zoo_compiled  zoo.load(compiled=True), warmed up for the buckets the measurements use
+  zoo_compiled_int8, zoo_compiled_int4  the same with zoo.load(quantize="int8" | "int4")
   zoo_aoti      zoo.load() + the AOTInductor-exported graphs of zoo.graphs.aoti (no tracing, no compiling)
   hf_eager      transformers AutoModelForCausalLM.generate, greedy, default DynamicCache
   hf_compiled   transformers' CPU compiled recipe: StaticCache (max_cache_len = prompt + new tokens,
@@ -71,12 +72,15 @@ class ZooRunner:
         self.variant = cfg["variant"]
         t0 = time.perf_counter()
         self.aoti_load_s = None
-        compiled = self.variant == "zoo_compiled"
+        compiled = self.variant.startswith("zoo_compiled")
+        quantize = self.variant.removeprefix("zoo_compiled_") if self.variant.startswith("zoo_compiled_") else None
         aoti_api = self.variant == "zoo_aoti" and _load_takes_export_dir()
         if aoti_api:
             compiled = cfg["export_dir"]  # zoo.load(compiled=DIR): the exported graphs, no tracing
         kwargs = dict(dtype=cfg["dtype"], max_batch_size=cfg["max_batch_size"], max_seq_len=cfg.get("max_seq_len"),
                       cache_dir=cfg.get("cache_dir"), verbose=True)
+        if quantize:
+            kwargs["quantize"] = quantize
         try:
             self.model = zoo.load(cfg["model_path"], compiled=compiled, **kwargs)
         except ValueError as e:
@@ -112,17 +116,27 @@ class ZooRunner:
         runner = self.model.engine.runner
         out = {"load_s": self.load_s, "parameters": self.model.num_parameters,
                "kv_cache_mib": self.model.engine.cache.nbytes / 2**20, "graphs": runner.description,
-               "max_seq_len": self.model.engine.max_seq_len}
+               "max_seq_len": self.model.engine.max_seq_len, "streamed_bytes": self._streamed_bytes()}
         if runner.graph_cache is not None:
             out["graph_cache"] = runner.graph_cache.status
         if self.aoti_load_s is not None:
             out["aoti_load_s"] = self.aoti_load_s
         return out
 
+    def _streamed_bytes(self) -> int:
+        """Bytes of weights one decode step reads, as held (quantized or not): every parameter but the
+        embedding table, of which a step reads only its tokens' rows."""
+        module = self.model.module
+        embedding = module.model.embed_tokens.weight
+        tensors = {id(t): t for t in module.parameters() if t is not embedding}
+        if module.config.tie_word_embeddings:
+            tensors[id(embedding)] = embedding  # the LM head reads all of it
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
     def warmup(self, prompt_lens: list[int], batch_sizes: list[int], decode_prompt_len: int) -> dict:
         runner = self.model.engine.runner
         t0 = time.perf_counter()
-        if self.variant == "zoo_compiled":
+        if self.variant.startswith("zoo_compiled"):
             # only the buckets the measurements use: batch 1 x every prompt length, batch B x the decode prompt
             self.model.warmup([1], sorted(set(prompt_lens) | {decode_prompt_len}))
             for B in batch_sizes:
@@ -130,7 +144,7 @@ class ZooRunner:
                     self.model.warmup([B], [decode_prompt_len])
         seconds = time.perf_counter() - t0
         firsts = {"/".join(str(k) for k in key): s for key, s in runner.first_call_seconds.items()}
-        return {"compile_s": seconds if self.variant == "zoo_compiled" else 0.0, "first_calls": firsts,
+        return {"compile_s": seconds if self.variant.startswith("zoo_compiled") else 0.0, "first_calls": firsts,
                 "graph_cache": runner.graph_cache.status if runner.graph_cache is not None else None}
 
     def supports(self, batch: int, prompt_len: int) -> bool:

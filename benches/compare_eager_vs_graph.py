@@ -13,6 +13,8 @@ Variants (each in its own process, loaded once, then measured INTERLEAVED: for e
 every case, one sample of each variant in turn, A B C D then D C B A, so drift hits all alike):
   zoo_eager     zoo.load(compiled=False)
   zoo_compiled  zoo.load(compiled=True), warmed up (Model.warmup) for the buckets used, before timing
+  zoo_compiled_int8 / zoo_compiled_int4  the same with weight-only quantization (zoo.load(quantize=...));
+                their bandwidth is computed on the quantized bytes they read per step
   zoo_aoti      zoo with the AOTInductor-exported graphs of zoo.graphs.aoti (tiny Llama, batch 1, prompt 32),
                 when zoo.graphs.aoti exists; the export is built once under ~/.cache/zoo/bench-exports/
   hf_eager      transformers generate, greedy, DynamicCache
@@ -72,7 +74,8 @@ import _report  # noqa: E402
 
 from zoo.entrypoints.options import positive_int_list  # noqa: E402
 
-ALL_VARIANTS = ["zoo_eager", "zoo_compiled", "zoo_aoti", "hf_eager", "hf_compiled"]
+ALL_VARIANTS = ["zoo_eager", "zoo_compiled", "zoo_compiled_int8", "zoo_compiled_int4", "zoo_aoti", "hf_eager",
+                "hf_compiled"]
 
 
 _T0 = time.perf_counter()
@@ -257,6 +260,8 @@ def _estimated_bytes(variant: str, weights: dict, dtype: str, config: dict, plan
     kv = 2 * layers * (plan["max_batch_size"] + 1) * kv_heads * (plan["max_seq_len"] + 1) * head_dim * esize
     base = 700 * 2**20
     if variant.startswith("zoo"):
+        if variant.startswith("zoo_compiled_int"):
+            return base + w // 2 + kv
         return base + w * (2 if variant == "zoo_compiled" and dtype != "float32" else 1) + kv
     return base + int(w * 1.1)
 
@@ -408,7 +413,8 @@ def summarize_group(group: dict) -> None:
     if "1" in group["tpot_ms"]:
         for v, st in group["decode_tok_s"]["1"].items():
             if st:
-                achieved = group["weights"]["streamed_bytes"] * st["median"] / 1e9
+                streamed = group["variants"].get(v, {}).get("streamed_bytes") or group["weights"]["streamed_bytes"]
+                achieved = streamed * st["median"] / 1e9
                 group["bandwidth"][v] = {"achieved_gbs": achieved, "roofline_gbs": group["roofline_gbs"],
                                          "fraction": achieved / group["roofline_gbs"], "tok_s": st["median"]}
                 if probes:  # the typical bandwidth while the group ran (neighbours share the host's memory)

@@ -110,6 +110,12 @@ class SafetensorsCheckpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)[2]["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        path, _, entry = self._entry(name)
+        if entry["dtype"] not in _DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {path!r} has unsupported dtype {entry['dtype']}")
+        return _DTYPES[entry["dtype"]]
+
     def read_into(self, name: str, out: torch.Tensor, part: tuple[int, int, int] | None = None) -> None:
         """Copy tensor `name` (or its `part` = (dim, start, stop): a row range for dim 0, a column
         range of a 2-D tensor for dim 1) into `out` (that shape, any dtype/device). Only the bytes

@@ -44,6 +44,9 @@ def int4_group_size(in_features: int, group_size: int) -> int:
 
 # ---- quantize / dequantize (load time and offline; plain tensor math) ---------------------------------
 
+QUANTIZE_ROWS = 1024  # rows quantized at a time: bounds the float temporaries while loading
+
+
 def quantize_int8(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """W [N, K] float -> qweight int8 [N, K], scales float32 [N]."""
     w = w.float()
@@ -65,7 +68,10 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
 
 
 def quantize(w: torch.Tensor, mode: str, group_size: int) -> dict[str, torch.Tensor]:
-    return quantize_int8(w) if mode == "int8" else quantize_int4(w, group_size)
+    """W [N, K] -> its stored form, QUANTIZE_ROWS rows at a time (each row is quantized on its own)."""
+    parts = [quantize_int8(rows) if mode == "int8" else quantize_int4(rows, group_size)
+             for rows in w.split(QUANTIZE_ROWS)]
+    return {leaf: torch.cat([p[leaf] for p in parts]) for leaf in parts[0]}
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -102,17 +108,35 @@ def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tenso
     """x [..., K] @ W^T -> [..., N] with W held quantized in `params` (a layer's run-time tensors)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     qweight = params["qweight"]
-    few_rows = x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
+    # Few rows = one token per sequence (decode, or the LM head on the last tokens) for a few
+    # sequences. A prefill's [B, S, K] never counts, whatever S: with dynamic lengths S is a dynamic
+    # dimension, and branching on B * S would specialize the graph to one length.
+    one_token_each = x.dim() < 3 or x.shape[-2] == 1
+    few_rows = one_token_each and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
     if mode == "int8" and x.device.type == "cpu" and few_rows:
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
     elif packed_for_cpu and few_rows:
         groups = params["scales_and_zeros"].shape[0]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, x2.shape[1] // groups, params["scales_and_zeros"])
     elif packed_for_cpu:  # many rows: dequantize from the kernel's layout, then the float matmul
-        y = F.linear(x2, _dequantize_cpu_packed_int4(qweight, params["scales_and_zeros"], x.dtype))
+        y = _cpu_packed_int4_matmul(x2, qweight, params["scales_and_zeros"])
     else:
-        y = F.linear(x2, dequantize(params, x.dtype))
+        y = _dequantized_matmul(x2, params)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# Many-row matmuls dequantize this many output rows of the weight at a time (8 MB of bf16 for a
+# 2048-wide layer), which stay in cache and in the allocator's heap. Dequantizing a whole 1 B-model
+# layer at once (46 MB of bf16) cost more than its matmul: every call faulted in fresh pages.
+DEQUANT_ROWS = 2048  # a multiple of 64 (the int4 packing's blocks)
+
+
+def _dequantized_matmul(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ W^T, W dequantized from the stored (plain) form DEQUANT_ROWS rows at a time."""
+    n = params["qweight"].shape[0]
+    outs = [F.linear(x, dequantize({leaf: t[r:r + DEQUANT_ROWS] for leaf, t in params.items()}, x.dtype))
+            for r in range(0, n, DEQUANT_ROWS)]
+    return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
 
 def unpack_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -139,9 +163,32 @@ def unpack_cpu_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _dequantize_cpu_packed_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    q = unpack_cpu_int4(packed)  # [N, K]
-    n, k = q.shape
+def _cpu_packed_int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T for W in ATen's CPU int4 packing (see unpack_cpu_int4), dequantized block by
+    block in the packing's own order: a block's bytes are [K, R/2], which unpack to W_block^T
+    [K, R] without a transpose, so the matmul runs on them as they are."""
+    m, k = x.shape
+    n = packed.shape[0]
     groups = scales_and_zeros.shape[0]
-    sz = scales_and_zeros.transpose(0, 1).to(dtype)  # [N, K/G, 2]
-    return ((q.reshape(n, groups, k // groups).to(dtype) - 8) * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
+    sz = scales_and_zeros.to(x.dtype)  # [K/G, N, 2]
+    outs = []
+    spans = [(r, min(DEQUANT_ROWS, n // 64 * 64 - r), 64) for r in range(0, n // 64 * 64, DEQUANT_ROWS)]
+    if n % 64:
+        spans.append((n // 64 * 64, n % 64, n % 64))  # the block of what is left
+    for start, count, rows in spans:  # DEQUANT_ROWS rows of 64-row blocks at a time, then the tail block
+        nb, half = count // rows, rows // 2
+        block = packed[start:start + count].reshape(nb, groups, k // groups, half)  # [nb, K/G, G, R/2]
+        span = sz[:, start:start + count]  # [K/G, count, 2]
+        if rows == 64:  # the low nibbles are rows [0, 32) of a block, the high ones rows [32, 64)
+            s_low, s_high = span.reshape(groups, nb, 2, half, 2).transpose(0, 1).unbind(2)  # [nb, K/G, R/2, 2]
+        else:  # rows 2j (low nibble) and 2j + 1 (high nibble)
+            s_low, s_high = span.reshape(groups, nb, half, 2, 2).transpose(0, 1).unbind(3)
+        parts = []
+        for q, sc in ((block & 0xF, s_low), (block >> 4, s_high)):
+            wt = (q.to(x.dtype) - 8) * sc[:, :, None, :, 0] + sc[:, :, None, :, 1]  # [nb, K/G, G, R/2]
+            wt = wt.reshape(nb, k, half).permute(1, 0, 2).reshape(k, nb * half)  # one 2-D matmul for all blocks
+            parts.append((x @ wt).reshape(m, nb, half))
+        low, high = parts
+        y = torch.cat([low, high], dim=-1) if rows == 64 else torch.stack([low, high], dim=-1)  # [M, nb, R]
+        outs.append(y.reshape(m, count))
+    return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
