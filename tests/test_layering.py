@@ -21,7 +21,7 @@ ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
 # module. A module belongs to the layer of its longest matching pattern, so "zoo.pd.cli" (an entry
 # point) wins over "zoo.pd.*" (a service).
 ZOO_LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("entrypoints", ("zoo.entrypoints.*", "zoo.llama.*", "zoo.qwen.*", "zoo.export",
+    ("entrypoints", ("zoo.entrypoints.*", "zoo.llama.*", "zoo.qwen.*", "zoo.export", "zoo.quantize",
                      "zoo.serve.__main__", "zoo.pd.__main__", "zoo.pd.cli")),
     ("services", ("zoo.serve.*", "zoo.pd.*")),
     ("api", ("zoo", "zoo.api", "zoo.settings")),

@@ -125,7 +125,7 @@ class LoadSettings:
         if self.quantize is not None and self.quantize not in QUANT_MODES:
             raise ValueError(f"unknown quantize {self.quantize!r}; use one of {', '.join(QUANT_MODES)}")
         if self.quantize_group_size is not None and self.quantize != "int4":
-            raise ValueError("quantize_group_size goes with quantize='int4'")
+            raise ValueError(f"quantize_group_size goes with int4 quantization, not quantize={self.quantize!r}")
         if self.quantize_group_size is not None and self.quantize_group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"quantize_group_size must be one of {list(INT4_GROUP_SIZES)}, "
                              f"got {self.quantize_group_size!r}")
