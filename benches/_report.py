@@ -253,7 +253,10 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
         return []
     paths = []
     groups = results["groups"]
-    colors = {v: c for v, c in zip(VARIANT_ORDER, ["tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:red"])}
+    colors = {"zoo_eager": "tab:blue", "zoo_compiled": "tab:orange", "zoo_compiled_int8": "tab:olive",
+              "zoo_compiled_int4": "tab:cyan", "zoo_aoti": "tab:purple", "hf_eager": "tab:green",
+              "hf_compiled": "tab:red"}
+    assert set(colors) == set(VARIANT_ORDER), "every variant needs a plot colour"
 
     def curve(ax, table: dict, xlabel: str, ylabel: str, title: str, log: bool = True):
         xs = sorted(table, key=int)

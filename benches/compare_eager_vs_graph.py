@@ -76,6 +76,7 @@ from zoo.entrypoints.options import positive_int_list  # noqa: E402
 
 ALL_VARIANTS = ["zoo_eager", "zoo_compiled", "zoo_compiled_int8", "zoo_compiled_int4", "zoo_aoti", "hf_eager",
                 "hf_compiled"]
+QUANTIZED_VARIANTS = ["zoo_compiled_int8", "zoo_compiled_int4"]  # --quick leaves them out unless --variants names them
 
 
 _T0 = time.perf_counter()
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--medium-dtypes", type=_str_list, default=["bfloat16", "float32"])
     p.add_argument("--medium-fp32-full", action="store_true", help="medium model in fp32 at every batch size "
                    "and prompt length too (by default only batch 1, prompt 128: the roofline point; RAM)")
-    p.add_argument("--variants", type=_str_list, default=ALL_VARIANTS, help=f"subset of {','.join(ALL_VARIANTS)}")
+    p.add_argument("--variants", type=_str_list, default=None, help=f"subset of {','.join(ALL_VARIANTS)} (default: all; with --quick all but the quantized ones)")
     p.add_argument("--prompt-lens", type=positive_int_list, default=[32, 128, 512], help="TTFT prompt lengths (batch 1)")
     p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 4, 8], help="TPOT batch sizes")
     p.add_argument("--decode-prompt-len", type=int, default=32, help="prompt length of the TPOT cases")
@@ -508,6 +509,10 @@ def main(argv: list[str] | None = None) -> int:
         args.min_sample_s = min(args.min_sample_s, 0.05)
     models = args.models if args.models is not None else ["tiny-llama", "tiny-qwen2", "medium-llama"]
     warm_models = args.warm_start_models if args.warm_start_models is not None else ["tiny-llama"]
+    if args.variants is None:
+        # the quantized variants' kernels and graphs are tested in tests/test_quant.py; in the suite's
+        # quick run their two extra compiles would cost minutes
+        args.variants = [v for v in ALL_VARIANTS if not (args.quick and v in QUANTIZED_VARIANTS)]
     unknown = [v for v in args.variants if v not in ALL_VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {ALL_VARIANTS}")

@@ -228,6 +228,27 @@ def test_compiled_quantized_matches_eager_without_recompiles(checkpoint, tmp_pat
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.compiled
+@pytest.mark.parametrize("mode", MODES)
+def test_aot_export_of_a_quantized_model(checkpoint, tmp_path, mode):
+    """The exported graphs run on the quantized module's tensors; zoo.load(compiled=DIR) takes the
+    quantization from the manifest, and refuses a model quantized otherwise."""
+    from zoo.graphs.aoti import export_graphs
+
+    path = checkpoint("llama3_gqa")
+    model = zoo.load(path, quantize=mode, max_batch_size=1, max_seq_len=64, buckets=Buckets((1,), (32,)))
+    out = export_graphs(model.module, model.kv_cache, str(tmp_path / "export"), [1], [32], [])
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["quantization"] == Quantization(mode).to_hf()
+    exported = zoo.load(path, compiled=out)
+    assert exported.config.quantization == Quantization(mode)
+    want = model.generate(PROMPTS[0], max_new_tokens=12).token_ids
+    assert exported.generate(PROMPTS[0], max_new_tokens=12).token_ids == want
+    other = "int4" if mode == "int8" else "int8"
+    with pytest.raises(ValueError, match="was exported with quantization="):
+        zoo.load(path, compiled=out, quantize=other)
+
+
 # ---- tensor parallelism ---------------------------------------------------------------------------
 
 def _tp_battery(ctx: TPContext | None, cases: dict) -> dict:
