@@ -236,7 +236,7 @@ def test_aot_export_of_a_quantized_model(checkpoint, tmp_path, mode):
     from zoo.graphs.aoti import export_graphs
 
     path = checkpoint("llama3_gqa")
-    model = zoo.load(path, quantize=mode, max_batch_size=1, max_seq_len=64, buckets=Buckets((1,), (32,)))
+    model = zoo.load(path, quantize=mode, max_batch_size=1, max_seq_len=32, buckets=Buckets((1,), (32,)))
     out = export_graphs(model.module, model.kv_cache, str(tmp_path / "export"), [1], [32], [])
     with open(os.path.join(out, "manifest.json")) as f:
         assert json.load(f)["quantization"] == Quantization(mode).to_hf()

@@ -44,7 +44,11 @@ MANIFEST = "manifest.json"
 
 # Weights stay out of the shared library; freezing is off because it would fold weights into new
 # constants the module does not have (so they could not be fed from the module at load time).
-INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "freezing": False}
+# always_keep_tensor_constants: a 0-d buffer (the int4 kernel's group size) stays a buffer fed
+# from the module, instead of being inlined as a number that the kernel call re-wraps in a tensor
+# constant of its own.
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "freezing": False,
+                    "always_keep_tensor_constants": True}
 
 
 @contextlib.contextmanager

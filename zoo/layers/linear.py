@@ -130,12 +130,13 @@ class QuantizableLinear(nn.Linear):
         packed = quant.pack_int4_for_cpu({leaf: getattr(self, leaf).data for leaf in ("qweight", "scales", "zeros")},
                                          dtype)
         del self.qweight, self.scales, self.zeros
-        for leaf, value in packed.items():
-            self.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+        for leaf in ("qweight", "scales_and_zeros"):
+            self.register_parameter(leaf, nn.Parameter(packed[leaf], requires_grad=False))
+        self.register_buffer("qgroup_size", packed["qgroup_size"], persistent=False)  # not in checkpoints
         self.packed_for_cpu = True
 
     def quantized_params(self) -> dict[str, torch.Tensor]:
-        names = ("qweight", "scales_and_zeros") if self.packed_for_cpu else quant.stored_leaves(self.quant_mode)
+        names = ("qweight", "scales_and_zeros", "qgroup_size") if self.packed_for_cpu else quant.stored_leaves(self.quant_mode)
         return {leaf: getattr(self, leaf) for leaf in names}
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -97,11 +97,15 @@ def cpu_int4_kernel_fits(out_features: int) -> bool:
 
 
 def pack_int4_for_cpu(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Plain int4 -> the layout of ATen's CPU kernel: qweight in its block packing [N, K/2] and
-    scales_and_zeros [K/G, N, 2] in the activation dtype."""
+    """Plain int4 -> the layout of ATen's CPU kernel: qweight in its block packing [N, K/2],
+    scales_and_zeros [K/G, N, 2] in the activation dtype, and the group size as a 0-d int64 tensor
+    (the kernel's tensor form takes it so: inductor would otherwise turn the int into a tensor
+    constant of its own per layer, which an AOT export, fed its tensors from the module, lacks)."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(stored["qweight"]).to(torch.int32), 1)
     scales_and_zeros = torch.stack([stored["scales"], stored["zeros"]], dim=-1).transpose(0, 1)  # [K/G, N, 2]
-    return {"qweight": packed, "scales_and_zeros": scales_and_zeros.to(dtype).contiguous()}
+    group = 2 * stored["qweight"].shape[1] // stored["scales"].shape[1]
+    return {"qweight": packed, "scales_and_zeros": scales_and_zeros.to(dtype).contiguous(),
+            "qgroup_size": torch.tensor(group, dtype=torch.int64)}
 
 
 def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tensor], packed_for_cpu: bool) -> torch.Tensor:
@@ -116,8 +120,8 @@ def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tenso
     if mode == "int8" and x.device.type == "cpu" and few_rows:
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
     elif packed_for_cpu and few_rows:
-        groups = params["scales_and_zeros"].shape[0]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight, x2.shape[1] // groups, params["scales_and_zeros"])
+        # aten._weight_int4pack_mm_for_cpu with the group size as a tensor (see pack_int4_for_cpu)
+        y = torch.ops.quantized.int4mm_packed_weight_cpu(x2, qweight, params["qgroup_size"], params["scales_and_zeros"])
     elif packed_for_cpu:  # many rows: dequantize from the kernel's layout, then the float matmul
         y = _cpu_packed_int4_matmul(x2, qweight, params["scales_and_zeros"])
     else:
