@@ -3,7 +3,8 @@ prefill: what zoo.layers.quant's choice of kernel per row count rests on.
 
 The layer is the 1 B bench model's gate/up projection (2048 -> 11264), bf16 activations. Variants,
 each torch.compile'd (fullgraph) and timed interleaved (median of --repeats calls, after warm-up):
-  bf16            F.linear with the bf16 weight (zoo's one-row reduction at 1 row, as in the model)
+  bf16            zoo.layers.linear.linear with the bf16 weight, as in the model
+  bf16 F.linear   F.linear (ATen's / oneDNN's matmul) at every row count
   int8 kernel     aten._weight_int8pack_mm (int8 weight, per-channel scales)
   int8 dequant    dequantize the int8 weight, then F.linear
   int4 kernel     aten._weight_int4pack_mm_for_cpu (CPU-packed int4, groups of 64)
@@ -58,6 +59,7 @@ def variants() -> dict:
 
     table = {
         "bf16": (lambda x: zoo_linear.linear(x, w_bf16), 2.0),
+        "bf16 F.linear": (lambda x: F.linear(x, w_bf16), 2.0),
         "int8 kernel": (lambda x: torch.ops.aten._weight_int8pack_mm(x, int8_params["qweight"], int8_params["scales"]), 1.0),
         "int8 dequant": (int8_dequant, 1.0),
         "int4 kernel": (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4_params["qweight"], GROUP, sz), 0.5),

@@ -229,10 +229,11 @@ def test_compiled_quantized_matches_eager_without_recompiles(checkpoint, tmp_pat
 
 
 @pytest.mark.compiled
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["int4"])  # int4's kernel takes a tensor argument besides the weights; int8 is plainer
 def test_aot_export_of_a_quantized_model(checkpoint, tmp_path, mode):
-    """The exported graphs run on the quantized module's tensors; zoo.load(compiled=DIR) takes the
-    quantization from the manifest, and refuses a model quantized otherwise."""
+    """The exported graphs run on the quantized module's tensors (and only those: the loader refuses
+    a package that reads constants the module lacks); zoo.load(compiled=DIR) takes the quantization
+    from the manifest, and refuses a model quantized otherwise."""
     from zoo.graphs.aoti import export_graphs
 
     path = checkpoint("llama3_gqa")
@@ -292,3 +293,28 @@ def test_cli_quantize_flag(checkpoint):
     assert proc.returncode == 0, proc.stderr
     assert "int4 weights" in proc.stderr
     assert len(json.loads(proc.stdout.splitlines()[0])["token_ids"]) == 8
+
+
+# ---- server ---------------------------------------------------------------------------------------
+
+def test_server_serves_a_quantized_checkpoint(tmp_path):
+    """`python -m zoo.serve --model-path <an int4 folder>`: the completion is the quantized model's
+    own greedy text, and the model list names the folder's model."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from servers import start_server, stop_process
+
+    out = str(tmp_path / "tiny-llama-int4")
+    quantize_checkpoint(zoo.embedded_model_path("llama"), out, Quantization("int4", 32))
+    want = zoo.load(out).generate("Beautiful is", max_new_tokens=16, ignore_eos=True).text
+    proc, url = start_server(["--model-path", out, "--max-batch-size", "2", "--threads", "1"], tmp_path / "server.log")
+    try:
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        body = {"model": models[0]["id"], "prompt": "Beautiful is", "max_tokens": 16, "temperature": 0,
+                "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+    finally:
+        stop_process(proc)
+    assert "int4 weights" in (tmp_path / "server.log").read_text()
