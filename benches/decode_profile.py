@@ -2,9 +2,11 @@
 
 Loads the ~1 B bench Llama (benches/_models.py) compiled with inductor's per-kernel profiling
 (`cpp.enable_kernel_profile`, which puts a profiler range around every generated C++ kernel; the
-python wrapper is used so each call shows), runs decode steps at the asked batch sizes under
-torch.profiler, and sums the kernels' self CPU time by what they do. Kernels are named after the
-ops they fuse, so each is put in one class by the first rule its name matches:
+python wrapper by default, so extern kernels such as aten::mm show too), runs decode steps at the
+asked batch sizes under torch.profiler, and sums the kernels' self CPU time by what they do. At
+batch 1 every linear layer is a fused reduction and no extern kernel splits the generated code, so
+the whole step is one C++ function (one range, "whole step"). Kernels are named after the ops they
+fuse, so each is put in one class by the first rule its name matches:
   weights      matmuls / weight-only kernels (mm, addmm, bmm, _weight_int*pack_mm) and the fused
                one-row reductions that read a weight (a `sum` fused with a weight read: cpp_fused_*sum*
                kernels of a decode graph without attention's softmax)
@@ -13,8 +15,9 @@ ops they fuse, so each is put in one class by the first rule its name matches:
   other        everything else (embedding gather, sampling-free glue, copies)
 plus the step's wall time not covered by kernels (launch and wrapper overhead).
 
-Usage: .venv/bin/python benches/decode_profile.py [--batch-sizes 1,4] [--quantize int8] [--dtype bfloat16]
-Writes benches/results/decode_profile-cpu-<date>[-<quantize>].md.
+Usage: .venv/bin/python benches/decode_profile.py [--batch-sizes 1,2,4] [--quantize int8] [--dtype bfloat16]
+                                                  [--cpp-wrapper]
+Writes benches/results/decode_profile-cpu-<date>[-<quantize>][-cpp-wrapper].md.
 """
 from __future__ import annotations
 
