@@ -50,18 +50,26 @@ def test_buckets_are_cut_at_and_extended_to_the_maxima(tmp_path):
 def test_dynamic_lengths_and_the_prefill_token_cap(tmp_path):
     cpu = load_compile_config(default_config_path("llama", "cpu")).buckets(max_batch_size=8, max_seq_len=2048)
     assert cpu.dynamic_lengths and cpu.length_multiple == 32 and cpu.prefill_tokens == 2048
-    assert cpu.prefill_graphs() == [(b, None) for b in (1, 2, 4, 8)] and cpu.num_graphs == 8
+    assert cpu.prefill_graphs() == [(b, None, None) for b in (1, 2, 4, 8)] and cpu.num_graphs == 8
     assert [cpu.prefill_len_for(n) for n in (1, 32, 33, 2000, 2048)] == [32, 32, 64, 2016, 2048]
     assert [cpu.context_len_for(n) for n in (5, 300)] == [32, 320]
     assert cpu.prefill_fits(1, 2048) and cpu.prefill_fits(8, 256) and not cpu.prefill_fits(8, 257)
     # a short max_seq_len gets a smaller multiple; the batch buckets are cut as usual
     short = load_compile_config(default_config_path("qwen", "cpu")).buckets(max_batch_size=2, max_seq_len=40)
     assert (short.batch_sizes, short.length_multiple, short.prefill_len_for(21)) == ((1, 2), 20, 40)
-    # static buckets under a token cap: only the (batch, length) graphs that fit, and batch 1 at every length
+    assert cpu.chunk_tokens == 2048  # a prompt of max_seq_len runs in one call
+    # static buckets under a token cap: only the (batch, length) graphs that fit; longer prompts are
+    # prefilled in chunks of the longest length bucket within the cap
     c = load_compile_config(write(tmp_path, "[buckets]\nbatch_sizes = [1, 4]\nprefill_lens = [32, 128]\n"
                                             "prefill_tokens = 128\n"))
     b = c.buckets(max_batch_size=4, max_seq_len=256)
-    assert b.prefill_graphs() == [(1, 32), (4, 32), (1, 128), (1, 256)]
+    assert b.chunk_tokens == 128
+    assert b.prefill_graphs() == [(1, 32, None), (4, 32, None), (1, 128, None)]
+    # with context buckets, a prefill graph per context bucket that holds its length
+    c = load_compile_config(write(tmp_path, "[buckets]\nbatch_sizes = [1]\nprefill_lens = [32, 128]\n"
+                                            "context_lens = [64, 256]\n"))
+    b = c.buckets(max_batch_size=1, max_seq_len=256)
+    assert b.prefill_graphs() == [(1, 32, 64), (1, 32, 256), (1, 128, 256), (1, 256, 256)]
 
 
 @pytest.mark.parametrize("text, message", [

@@ -33,7 +33,8 @@ def models(checkpoint):
 def test_warmup_built_one_graph_per_bucket(models):
     compiled, _ = models
     assert sorted(compiled.engine.runner.first_call_seconds) == sorted(
-        [("prefill", b, 32) for b in (1, 2, 4)] + [("decode", b, L) for b in (1, 2, 4) for L in (32, 64)])
+        [("prefill", b, 32, T) for b in (1, 2, 4) for T in (32, 64)]
+        + [("decode", b, L) for b in (1, 2, 4) for L in (32, 64)])
     assert compiled.compile_seconds > 0
 
 

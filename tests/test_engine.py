@@ -308,8 +308,8 @@ def test_admission_takes_turns_between_submissions(model):
 def test_prefill_token_cap_splits_groups_and_the_streams_decode_between_them(checkpoint, model):
     """buckets.prefill_tokens = 32: four 10-14 token prompts (padded to 16) are admitted two at a
     time ([2, 16] = 32 tokens), a decode step runs between the two groups, and every request gets its
-    solo tokens; a single prompt longer than the cap still runs whole; runner.prefill splits a
-    group given to it directly (the PD prompt side's path)."""
+    solo tokens; a single prompt longer than the cap is prefilled in chunks of 32 with the same
+    tokens; runner.prefill splits a group given to it directly (the PD prompt side's path)."""
     from zoo.graphs import Buckets
 
     capped = zoo.load(checkpoint("llama3_gqa"), max_batch_size=4, max_seq_len=64,
@@ -327,10 +327,14 @@ def test_prefill_token_cap_splits_groups_and_the_streams_decode_between_them(che
     calls.clear()
     long_prompt = list(range(40))
     assert solo(capped, long_prompt, max_new_tokens=3) == solo(model, long_prompt, max_new_tokens=3)
-    assert calls[0] == (1, 64)
+    assert calls[:2] == [(1, 32), (1, 16)]  # positions [0, 32), then [32, 40)
     calls.clear()
-    slot = eng.cache.scratch_slot
-    together = eng.runner.prefill(prompts, [slot] * 4)
-    assert calls == [(2, 16), (2, 16)]
-    alone = torch.cat([eng.runner.prefill([p], [slot]) for p in prompts])
+    slots = [eng.cache.alloc() for _ in prompts]
+    try:
+        together = eng.runner.prefill(prompts, slots)
+        assert calls == [(2, 16), (2, 16)]
+        alone = torch.cat([eng.runner.prefill([p], [s]) for p, s in zip(prompts, slots)])
+    finally:
+        for s in slots:
+            eng.cache.free(s)
     assert (together - alone).abs().max().item() <= 1e-5

@@ -411,8 +411,15 @@ def _tiny_llama(dtype=torch.float32, heads=4, kv_heads=2, seed=0) -> LlamaForCau
 
 
 def _cache(model, dtype, num_slots=4, max_seq_len=24) -> KVCache:
+    """A paged cache (blocks of 8) whose slots all hold blocks for max_seq_len positions, taken in
+    the same order in every cache built here, so two caches have the same block tables."""
     c = model.config
-    return KVCache(c.num_layers, num_slots, c.num_kv_heads, max_seq_len, c.head_dim, dtype, torch.device("cpu"))
+    cache = KVCache(c.num_layers, num_slots, c.num_kv_heads, max_seq_len, c.head_dim, dtype, torch.device("cpu"),
+                    block_size=8)
+    for slot in range(num_slots):
+        cache.alloc(slot)
+        cache.reserve(slot, max_seq_len)
+    return cache
 
 
 def _prefill_inputs(cache: KVCache, B=4, S=8, seed=1):
@@ -423,7 +430,7 @@ def _prefill_inputs(cache: KVCache, B=4, S=8, seed=1):
     slot_ids = torch.full((B,), cache.scratch_slot, dtype=torch.long)
     lengths[0], slot_ids[0] = 5, 2
     lengths[1], slot_ids[1] = 8, 0
-    return input_ids, lengths, slot_ids
+    return input_ids, torch.zeros(B, dtype=torch.long), lengths, cache.block_tables[slot_ids]
 
 
 # ============================================================================================
@@ -446,13 +453,14 @@ def test_cache_compiled_methods_one_cache_compile_per_method_and_bucket(fakes, t
             args = _prefill_inputs(cache, B=B, S=S)
             out = prefill_fn(*args, cache.k, cache.v)
             torch.testing.assert_close(out, reference.prefill(*args, ref_cache.k, ref_cache.v))
-        ids, pos = torch.zeros(4, 1, dtype=torch.long), torch.tensor([8, 24, 5, 24])
+        idle = cache.scratch_position
+        ids, pos = torch.zeros(4, 1, dtype=torch.long), torch.tensor([8, idle, 5, idle])
         for _ in range(2):
-            torch.testing.assert_close(decode_fn(ids, pos, cache.k, cache.v),
-                                       reference.decode(ids, pos, ref_cache.k, ref_cache.v))
+            torch.testing.assert_close(decode_fn(ids, pos, cache.block_tables[:4], cache.k, cache.v),
+                                       reference.decode(ids, pos, ref_cache.block_tables[:4], ref_cache.k, ref_cache.v))
 
     calls = fakes.torchair.cache_calls
-    geometry = "kv5x2x25x16_float32"
+    geometry = "kv13x2x8x16_float32"  # 12 blocks of 8 positions (4 slots x 24) + the scratch block
     assert [c["func"].__name__ for c in calls] == [
         f"prefill_b4_s8__{geometry}", f"prefill_b2_s8__{geometry}", f"decode_b4__{geometry}"]
     for c in calls:
@@ -559,64 +567,18 @@ def test_kernel_limits_are_checked(fakes):
         npu.NpuAttentionOps(fakes.torch_npu).attention(q, k, v, torch.ones(1, 1, 1, 8, dtype=torch.bool), True)
 
 
-def _write_index(slots, positions, kv_heads):
-    return (slots[:, None, None], torch.arange(kv_heads)[None, :, None], positions[:, None, :])
-
-
-@pytest.mark.parametrize("slots", [[0, 1, 2], [3, 0, 4, 4]])  # decode rows; prefill-style slots with scratch dups
-def test_single_position_write_uses_scatter_update(fakes, slots):
-    """S == 1: scatter_update_ on the whole cache == index_put_, except the scratch position T-1 of
-    rows the call does not address (zeros there, by zoo's scratch-position contract)."""
-    torch.manual_seed(0)
-    N, KV, T, hd = 5, 2, 25, 16
-    slots = torch.tensor(slots)
-    B = len(slots)
-    positions = torch.tensor([7, 24, 0, 3])[:B, None]  # [B, 1]
-    if B == 4:
-        positions[2:] = 0  # the duplicated scratch-slot rows write the same place
-    value = torch.randn(B, KV, 1, hd)
-    if B == 4:
-        value[3] = value[2]
-    cache = torch.randn(N, KV, T, hd)
-    expected = cache.clone()
-    AttentionOps().write_kv(expected, _write_index(slots, positions, KV), value)
-    npu.NpuAttentionOps(fakes.torch_npu).write_kv(cache, _write_index(slots, positions, KV), value)
-    assert fakes.torch_npu.names() == ["scatter_update_"]
-    assert fakes.torch_npu.calls[0][1] == dict(shape=(N, KV, 1, hd), axis=-2)
-    addressed = torch.zeros(N, dtype=torch.bool)
-    addressed[slots] = True
-    torch.testing.assert_close(cache[:, :, : T - 1], expected[:, :, : T - 1], atol=0, rtol=0)
-    torch.testing.assert_close(cache[addressed], expected[addressed], atol=0, rtol=0)
-    assert torch.all(cache[~addressed][:, :, T - 1] == 0)
-
-
-def test_prefill_write_falls_back_to_index_put(fakes):
-    """S > 1 into arbitrary slots cannot be a scatter_update_ (row i of updates -> row i of data)."""
-    torch.manual_seed(0)
-    N, KV, T, hd, S = 5, 2, 25, 16, 8
-    slots = torch.tensor([2, 0, 4, 4])
-    value = torch.randn(4, KV, S, hd)
-    value[3] = value[2]
-    index = _write_index(slots, torch.arange(S).expand(4, S), KV)
-    cache, expected = torch.zeros(N, KV, T, hd), torch.zeros(N, KV, T, hd)
-    npu.NpuAttentionOps(fakes.torch_npu).write_kv(cache, index, value)
-    AttentionOps().write_kv(expected, index, value)
-    assert fakes.torch_npu.calls == []
-    torch.testing.assert_close(cache, expected, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_whole_model_prefill_and_decode_match_generic(fakes, dtype):
     """A tiny GQA Llama through zoo's own prefill/decode (its real index and mask construction):
     NpuAttentionOps on the fake kernels == the generic ops. Prefill writes two prompts into slots 2
-    and 0 plus padding rows into the scratch slot; decode runs with idle rows at the scratch
+    and 0 plus padding rows into the scratch block; decode runs with idle rows at the scratch
     position, including a narrower batch bucket that leaves a live slot out of a step."""
     generic = _tiny_llama(dtype)
     on_npu = copy.deepcopy(generic)
     ops = npu.NpuAttentionOps(fakes.torch_npu, kernel_dtypes=F32)
     on_npu.set_attention_ops(ops)
     c_gen, c_npu = _cache(generic, dtype), _cache(on_npu, dtype)
-    T = c_gen.max_seq_len + 1
+    idle = c_gen.scratch_position
     tol = _tol(dtype) if dtype == torch.float32 else dict(atol=6e-2, rtol=6e-2)
     with torch.no_grad():
         args = _prefill_inputs(c_gen)
@@ -626,16 +588,15 @@ def test_whole_model_prefill_and_decode_match_generic(fakes, dtype):
         g = torch.Generator().manual_seed(2)
         for B in (4, 4, 2, 4):
             ids = torch.randint(0, 128, (B, 1), generator=g)
-            positions = torch.tensor([pos.get(s, T - 1) for s in range(B)])
-            out_npu = on_npu.decode(ids, positions, c_npu.k, c_npu.v)
-            out_gen = generic.decode(ids, positions, c_gen.k, c_gen.v)
+            positions = torch.tensor([pos.get(s, idle) for s in range(B)])
+            out_npu = on_npu.decode(ids, positions, c_npu.block_tables[:B], c_npu.k, c_npu.v)
+            out_gen = generic.decode(ids, positions, c_gen.block_tables[:B], c_gen.k, c_gen.v)
             torch.testing.assert_close(out_npu, out_gen, **tol)
             pos = {s: p + 1 if s < B else p for s, p in pos.items()}
     names = fakes.torch_npu.names()
     layers = generic.config.num_layers
     assert names.count("npu_prompt_flash_attention") == layers
     assert names.count("npu_incre_flash_attention") == 4 * layers
-    assert names.count("scatter_update_") == 2 * 4 * layers  # k and v, every decode step
     for k_n, k_g, v_n, v_g in zip(c_npu.k, c_gen.k, c_npu.v, c_gen.v):
-        torch.testing.assert_close(k_n[:, :, : T - 1], k_g[:, :, : T - 1], **tol)
-        torch.testing.assert_close(v_n[:, :, : T - 1], v_g[:, :, : T - 1], **tol)
+        torch.testing.assert_close(k_n[:-1], k_g[:-1], **tol)  # every block but the scratch one
+        torch.testing.assert_close(v_n[:-1], v_g[:-1], **tol)

@@ -28,6 +28,7 @@ def test_logits_match_transformers_at_every_step(checkpoint, kind):
     # drive zoo's graph entry points directly, feeding the reference tokens, and compare each step
     engine = model.engine
     slot = engine.cache.alloc()
+    assert engine.cache.reserve(slot, len(prompt) + NEW_TOKENS)  # blocks for the positions decode writes
     try:
         logits = engine.runner.prefill([prompt], [slot])[0]
         diffs = [(logits - ref.logits[0][0]).abs().max().item()]

@@ -26,6 +26,7 @@ def _step_logits(model, prompt, tokens):
     """Prefill `prompt`, then decode `tokens` one by one: logits [1 + len(tokens), V]."""
     engine = model.engine
     slot = engine.cache.alloc()
+    assert engine.cache.reserve(slot, len(prompt) + len(tokens))  # blocks for the positions decode writes
     try:
         out = [engine.runner.prefill([prompt], [slot])[0]]
         B = engine.runner.buckets.batch_for(slot + 1)

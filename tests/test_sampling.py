@@ -200,8 +200,8 @@ def test_streamed_logprobs_are_the_results(model):
 def test_n_samples_share_one_prefill_and_differ(model, monkeypatch):
     calls = []
     prefill = model.engine.runner.prefill
-    monkeypatch.setattr(model.engine.runner, "prefill", lambda prompts, slots: calls.append(len(prompts))
-                        or prefill(prompts, slots))
+    monkeypatch.setattr(model.engine.runner, "prefill", lambda prompts, slots, starts: calls.append(len(prompts))
+                        or prefill(prompts, slots, starts))
     outs = model.generate(PROMPTS[0], n=3, max_new_tokens=8, temperature=1.0, seed=11)
     assert calls == [1]  # three slots, one prefill row
     assert [o.index for o in outs] == [0, 1, 2]

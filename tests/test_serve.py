@@ -415,10 +415,10 @@ def test_a_failing_prefill_fails_only_its_request(monkeypatch):
     model = zoo.load(max_batch_size=2)
     real_prefill = model.engine.runner.prefill
 
-    def prefill(prompts, slots):
+    def prefill(prompts, slots, starts=None):
         if [7, 7, 7] in prompts:
             raise RuntimeError("injected prefill failure")
-        return real_prefill(prompts, slots)
+        return real_prefill(prompts, slots, starts)
 
     monkeypatch.setattr(model.engine.runner, "prefill", prefill)
     body = {"prompt": "Beautiful is", "max_tokens": 40, "temperature": 0, "ignore_eos": True}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from zoo.config import DEFAULT_INT4_GROUP_SIZE, ModelConfig, Quantization
-from zoo.device import default_cache_dir, default_dtype, parse_dtype, resolve_device
+from zoo.device import default_cache_dir, default_dtype, free_memory_bytes, parse_dtype, resolve_device
 from zoo.distributed.comm import SINGLE, TPContext
 from zoo.engine import Engine, GenerationResult, Request, SamplingParams, StreamEvent, encode_prompt, stream_events
 from zoo.engine.driver import EngineDriver
@@ -83,6 +83,8 @@ class _Plan:
     max_seq_len: int
     buckets: Buckets
     compile_config: CompileConfig
+    kv_cache_tokens: int | None  # None: the default (_kv_cache_tokens)
+    kv_block_size: int
 
 
 def load_rank(settings: LoadSettings, tp: TPContext) -> "Model":
@@ -98,7 +100,8 @@ def load_rank(settings: LoadSettings, tp: TPContext) -> "Model":
     pack_quantized_layers(module, plan.dtype)  # int4 into the CPU kernel's layout
     module.eval()
     cache = KVCache(config.num_layers, plan.max_batch_size, module.num_local_kv_heads, plan.max_seq_len,
-                    config.head_dim, plan.dtype, plan.device)
+                    config.head_dim, plan.dtype, plan.device, block_size=plan.kv_block_size,
+                    num_tokens=_kv_cache_tokens(settings, plan, config, module.num_local_kv_heads, tp))
     runner = build_runner(module, cache, plan.buckets, spec=spec, compiled=settings.compiled,
                           compile_config=plan.compile_config, inductor_options=settings.inductor_options,
                           dtype=plan.dtype, device=plan.device, cache_dir=settings.cache_dir or default_cache_dir(),
@@ -118,8 +121,10 @@ def _plan(settings: LoadSettings, config: ModelConfig, spec: ModelSpec) -> _Plan
     device = resolve_device(settings.device)
     dtype = parse_dtype(settings.dtype) if settings.dtype is not None else None
     max_batch_size, max_seq_len, buckets = settings.max_batch_size, settings.max_seq_len, settings.buckets
+    kv_cache_tokens, kv_block_size = settings.kv_cache_tokens, None
     if settings.exported:  # the export fixes sizes, buckets and (unless asked) dtype
-        max_batch_size, max_seq_len, buckets, exported_dtype = _exported_shapes(settings)
+        max_batch_size, max_seq_len, kv_cache_tokens, kv_block_size, buckets, exported_dtype = \
+            _exported_shapes(settings)
         dtype = dtype or exported_dtype
     dtype = dtype or default_dtype(device, config.torch_dtype)
     max_batch_size = max_batch_size or 8
@@ -135,21 +140,41 @@ def _plan(settings: LoadSettings, config: ModelConfig, spec: ModelSpec) -> _Plan
         check_inductor_overrides(settings.inductor_options)  # before anything loads
     buckets = buckets or compile_config.buckets(max_batch_size, max_seq_len)
     buckets.validate(max_batch_size, max_seq_len)
-    return _Plan(device, dtype, max_batch_size, max_seq_len, buckets, compile_config)
+    return _Plan(device, dtype, max_batch_size, max_seq_len, buckets, compile_config, kv_cache_tokens,
+                 kv_block_size or compile_config.kv_block_size)
 
 
-def _exported_shapes(settings: LoadSettings) -> tuple[int, int, Buckets, torch.dtype]:
+def _kv_cache_tokens(settings: LoadSettings, plan: _Plan, config: ModelConfig, kv_heads: int,
+                     tp: TPContext) -> int:
+    """The KV pool's size in tokens: as asked (or exported), else what max_batch_size whole
+    sequences take, capped at half the free memory (never below one whole sequence). Tensor-parallel
+    ranks skip the cap: their engines schedule alike only with pools of one size."""
+    if plan.kv_cache_tokens is not None:
+        return plan.kv_cache_tokens
+    tokens = plan.max_batch_size * plan.max_seq_len
+    free = None if tp.enabled else free_memory_bytes(plan.device)
+    if free is not None:
+        per_token = 2 * config.num_layers * kv_heads * config.head_dim * plan.dtype.itemsize
+        tokens = min(tokens, free // 2 // per_token)
+    return max(tokens, plan.max_seq_len)
+
+
+def _exported_shapes(settings: LoadSettings) -> tuple[int, int, int, int, Buckets, torch.dtype]:
     from zoo.graphs.aoti import read_manifest
 
     manifest = read_manifest(settings.compiled)
-    for name, asked, exported in (("max_batch_size", settings.max_batch_size, manifest["cache"]["num_slots"]),
-                                  ("max_seq_len", settings.max_seq_len, manifest["cache"]["max_seq_len"])):
+    cache = manifest["cache"]
+    for name, asked, exported in (("max_batch_size", settings.max_batch_size, cache["num_slots"]),
+                                  ("max_seq_len", settings.max_seq_len, cache["max_seq_len"]),
+                                  ("kv_cache_tokens", settings.kv_cache_tokens, cache["num_tokens"])):
         if asked is not None and asked != exported:
             raise ValueError(f"{name}={asked} was asked for, but the graphs in {settings.compiled!r} were exported "
                              f"for {name}={exported}")
     b = manifest["buckets"]
-    buckets = Buckets(tuple(b["batch_sizes"]), tuple(b["prefill_lens"]), tuple(b.get("context_lens", ())))
-    return manifest["cache"]["num_slots"], manifest["cache"]["max_seq_len"], buckets, parse_dtype(manifest["dtype"])
+    buckets = Buckets(tuple(b["batch_sizes"]), tuple(b["prefill_lens"]), tuple(b.get("context_lens", ())),
+                      prefill_tokens=b.get("prefill_tokens"))
+    return (cache["num_slots"], cache["max_seq_len"], cache["num_tokens"], cache["block_size"], buckets,
+            parse_dtype(manifest["dtype"]))
 
 
 def _with_quantization(config: ModelConfig, settings: LoadSettings) -> ModelConfig:
@@ -223,7 +248,8 @@ def _log_loaded(model: "Model", runner: GraphRunner, tp: TPContext, seconds: flo
     quant = f", {model.config.quantization.describe()}" if model.config.quantization else ""
     log(f"loaded {model.config.architecture} from {model.path} on {model.device} ({model.dtype}{quant}){tp_note} in "
         f"{seconds:.1f} s: {model.num_parameters / 1e6:.1f} M parameters, KV cache {cache.nbytes / 2**20:.1f} MiB "
-        f"({cache.num_slots} slots x {cache.max_seq_len} tokens); {graphs}")
+        f"({cache.num_tokens} tokens in blocks of {cache.block_size}, {cache.num_slots} batch rows, max_seq_len "
+        f"{cache.max_seq_len}); {graphs}")
 
 
 class Model:

@@ -74,6 +74,20 @@ def synchronize(device: torch.device) -> None:
         torch.npu.synchronize(device)
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on the device (host RAM for cpu); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "npu":
+        return torch.npu.mem_get_info(device)[0]  # torch_npu is imported by then
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def default_cache_dir() -> str:
     return os.environ.get("ZOO_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "zoo"))
 

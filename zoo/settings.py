@@ -54,11 +54,15 @@ class LoadSettings:
              "bucket eagerly until its graph is ready, so requests are answered from the start (python -m "
              "zoo.serve --compiled does this unless --warmup is given)"))
     max_batch_size: int | None = field(default=None, metadata=_cli(
-        "--max-batch-size", type=int, help="KV-cache slots = most requests decoding at once (default 8, or the "
-                                           "export's)"))
+        "--max-batch-size", type=int, help="decode batch rows = most requests running at once (default 8, or "
+                                           "the export's)"))
+    kv_cache_tokens: int | None = field(default=None, metadata=_cli(
+        "--kv-cache-tokens", type=int, metavar="N",
+        help="KV-cache pool size in tokens, shared by all running requests in blocks (default: max_batch_size x "
+             "max_seq_len, at most half the free memory)"))
     max_seq_len: int | None = field(default=None, metadata=_cli(
-        "--max-seq-len", type=int, help="tokens per slot, prompt + completion (default: min(max_position_embeddings, "
-                                        "2048))"))
+        "--max-seq-len", type=int, help="tokens per request, prompt + completion (default: "
+                                        "min(max_position_embeddings, 2048))"))
     buckets: Buckets | None = None  # Python API only: overrides the compile config's shape buckets
     compile_config: str | CompileConfig | None = field(default=None, metadata=_cli(
         "--compile-config", metavar="FILE", help="compile config TOML (default: zoo/graphs/configs/"
@@ -113,7 +117,7 @@ class LoadSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
-        for name in ("max_batch_size", "threads"):
+        for name in ("max_batch_size", "threads", "kv_cache_tokens"):
             positive_int(name)
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int)
                                              or self.max_seq_len < 2):

@@ -19,9 +19,6 @@ python/torchair/...:
   custom_decompositions=None, ge_cache=False, **kwargs) -> Callable. docs torchair_00099 (7.3.0,
   signature), torchair_00016 (7.1.0, constraints), torchair_0013 (6.0.RC2, one func per scenario),
   torchair_00092 (set_dim_gears); torchair src inference/_cache_compiler.py.
-- NpuAttentionOps.write_kv: torch_npu.scatter_update_(data, indices, updates, axis) -> data.
-  docs ptaoplist_000181 (7.0.0); CANN ops-nn index/scatter/docs/aclnnInplaceScatterUpdate.md
-  (index semantics).
 - NpuAttentionOps.attention, prefill: torch_npu.npu_prompt_flash_attention(query, key, value, *,
   atten_mask=None, actual_seq_lengths=None, num_heads=1, scale_value=1.0, pre_tokens=2147483647,
   next_tokens=0, input_layout="BSH", num_key_value_heads=0, actual_seq_lengths_kv=None,
@@ -187,12 +184,12 @@ def npu_backend(options: Mapping | None = None):
 # its own name, bound to the model. Dynamo traces through into the model's prefill/decode.
 
 
-def _prefill_entry(self, input_ids, lengths, slot_ids, k_caches, v_caches):
-    return self.prefill(input_ids, lengths, slot_ids, k_caches, v_caches)
+def _prefill_entry(self, input_ids, start_pos, lengths, block_tables, k_caches, v_caches, context_len=None):
+    return self.prefill(input_ids, start_pos, lengths, block_tables, k_caches, v_caches, context_len)
 
 
-def _decode_entry(self, input_ids, positions, k_caches, v_caches):
-    return self.decode(input_ids, positions, k_caches, v_caches)
+def _decode_entry(self, input_ids, positions, block_tables, k_caches, v_caches, context_len=None):
+    return self.decode(input_ids, positions, block_tables, k_caches, v_caches, context_len)
 
 
 def _bound_copy(module: torch.nn.Module, template, name: str) -> types.MethodType:
@@ -231,13 +228,14 @@ class CachedEntry:
         self._template = _prefill_entry if kind == "prefill" else _decode_entry
         self.compiled: dict[str, object] = {}  # function name (bucket + cache geometry) -> cached callable
 
-    def function_name(self, *args) -> str:
+    def function_name(self, *args, context_len=None) -> str:
         input_ids, k_caches = args[0], args[-2]
         bucket = f"b{input_ids.shape[0]}" + (f"_s{input_ids.shape[1]}" if self.kind == "prefill" else "")
+        bucket += "" if context_len is None else f"_c{context_len}"
         return f"{self.kind}_{bucket}__{_geometry(k_caches)}"
 
-    def __call__(self, *args):
-        name = self.function_name(*args)
+    def __call__(self, *args, context_len=None):
+        name = self.function_name(*args, context_len=context_len)
         fn = self.compiled.get(name)
         if fn is None:
             method = _bound_copy(self.module, self._template, name)
@@ -245,7 +243,7 @@ class CachedEntry:
             self.compiled[name] = fn
         # torchair rebases a loaded graph onto the globals of the frame that calls it; that frame is
         # this module, which is also where the entry points live.
-        return fn(*args)
+        return fn(*args) if context_len is None else fn(*args, context_len)
 
 
 def cache_compiled_methods(module: torch.nn.Module, options: Mapping | None, cache_dir: str):
@@ -300,30 +298,17 @@ _INT32_MAX = 2147483647  # npu_prompt_flash_attention's documented default for p
 class NpuAttentionOps(AttentionOps):
     """zoo's AttentionOps on Ascend kernels. Same shapes in and out as zoo.layers.ops documents:
 
-      write_kv(cache [N, KV, T, hd], (slot [B,1,1], head [1,KV,1], position [B,1,S]), value [B, KV, S, hd])
       attention(q [B, H, S, hd], k [B, KV, T, hd], v [B, KV, T, hd], mask [B, 1, S, T] bool True=attend,
                 is_decode) -> [B, H, S, hd]
 
-    zoo's cache layout [N, KV, T, hd] is BNSD (batch=slot, N=kv heads, S=positions, D=head dim).
+    k / v arrive as each row's blocks of the paged cache gathered into one sequence (read_kv), a
+    BNSD layout (batch=row, N=kv heads, S=positions, D=head dim).
 
-    write_kv
-      torch_npu.scatter_update_(data, indices, updates, axis) updates `data` in place (docs
-      ptaoplist_000181). Its index semantics (CANN aclnnInplaceScatterUpdate.md, 1-D indices):
-      data (a, b, c, d), updates (a, b, e, d), indices (a,), axis=-2:
-          data[i][j][indices[i] + k][l] = updates[i][j][k][l]
-      i.e. row i of updates goes to row i of data - there is no slot indirection - starting at
-      offset indices[i] along `axis` (ranks equal; dims other than `axis` equal; indices int32/int64;
-      no bounds check). The 2-D index form exists but is undocumented (ops-nn issue 5483).
-      - S == 1 (every decode step): expressible. zoo's slot ids are spread onto all N cache rows:
-        row slot[b] gets value[b] at position[b]; every row no call addresses gets zeros at the scratch
-        position T-1. That relies on zoo's KV-cache contract (zoo.graphs.kv_cache: the last position is
-        scratch, written by idle rows and never attended to by a live row). Cost: two small
-        index_put on [N] / [N, KV, 1, hd] temporaries, then one scatter_update_ on the whole cache
-        tensor, the pattern of the torchair LLM examples (scatter_update_(cache, positions, k, axis)).
-      - S > 1 (prefill): NOT expressible - a prefill writes into arbitrary slots (slot_ids; padding
-        rows all into the scratch slot), and spreading onto all N rows would overwrite positions
-        [0, S) of live requests. Falls back to the generic index_put_.
-      scatter_decode_writes=False sends S == 1 to index_put_ as well.
+    write_kv / read_kv are the generic index_put_ / gather. The earlier scatter_update_ decode write
+    spread one update onto every row of a [slots, KV, T, hd] cache; a paged pool has no such rows,
+    so it went with the contiguous layout. The fused paged path (torch_npu's reshape-and-cache
+    write and the incre flash attention's block_table / block_size arguments reading the pool in
+    place) is mapped in docs/npu.md and not implemented: no Ascend hardware here to verify it.
 
     attention
       Prefill: torch_npu.npu_prompt_flash_attention (op-plugin torch_npu-npu_prompt_flash_attention.md):
@@ -338,7 +323,7 @@ class NpuAttentionOps(AttentionOps):
         "Non-contiguous tensors are not supported"). actual_seq_lengths is not used: it is a host
         list, and reading lengths on the host would be a device->host sync per step.
       Decode: torch_npu.npu_incre_flash_attention (op-plugin torch_npu-npu_incre_flash_attention.md):
-        same mapping, query [B, H, 1, hd] BNSD, key/value = cache slots [0, B) [B, KV, T, hd], atten_mask
+        same mapping, query [B, H, 1, hd] BNSD, key/value = the rows' gathered blocks [B, KV, T, hd], atten_mask
         (B, 1, 1, T) bool, 1 = excluded (the doc's graph-mode example uses a (B, 1, 1, S) bool mask).
         actual_seq_lengths is not passed (host list, see above), so every step attends over all T
         positions and the mask removes the unused tail; kv_padding_size is left out too.
@@ -350,29 +335,9 @@ class NpuAttentionOps(AttentionOps):
     name = "npu"
     KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
-    def __init__(self, torch_npu: types.ModuleType | None = None, *, scatter_decode_writes: bool = True,
-                 kernel_dtypes: tuple = KERNEL_DTYPES):
+    def __init__(self, torch_npu: types.ModuleType | None = None, *, kernel_dtypes: tuple = KERNEL_DTYPES):
         self._npu = torch_npu if torch_npu is not None else import_vendor("torch_npu")
-        self.scatter_decode_writes = scatter_decode_writes
         self.kernel_dtypes = tuple(kernel_dtypes)
-
-    # ---- KV write -------------------------------------------------------------------------
-    def write_kv(self, cache: torch.Tensor, index: tuple, value: torch.Tensor) -> None:
-        slot, head, position = index
-        N, KV, T, hd = cache.shape
-        B, _, S, _ = value.shape
-        if S != 1 or not self.scatter_decode_writes:
-            cache.index_put_(index, value)  # prefill: arbitrary slots, see the class docstring
-            return
-        if tuple(head.shape) != (1, KV, 1) or tuple(slot.shape) != (B, 1, 1) or tuple(position.shape) != (B, 1, 1):
-            raise ValueError(f"write_kv index shapes {[tuple(t.shape) for t in index]} are not zoo's "
-                             f"(slot [B,1,1], head [1,KV,1], position [B,1,1]) for value {tuple(value.shape)}")
-        slot_b, pos_b = slot.reshape(B), position.reshape(B)
-        # every cache row gets an update: addressed rows their value at their position, the others
-        # zeros at the scratch position T-1
-        positions = torch.full((N,), T - 1, dtype=pos_b.dtype, device=pos_b.device).index_put((slot_b,), pos_b)
-        updates = value.new_zeros((N, KV, 1, hd)).index_put((slot_b,), value)
-        self._npu.scatter_update_(cache, positions, updates, -2)
 
     # ---- attention ------------------------------------------------------------------------
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

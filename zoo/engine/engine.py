@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +28,18 @@ from zoo.log import log
 from zoo.tokenizers.base import IncrementalDetokenizer, Tokenizer
 
 
+@dataclass
+class _PrefillRow:
+    """One row of a prefill call: positions [start, end) of the request's prefill_ids, into its slot."""
+
+    req: Request
+    slot: int
+    start: int
+    end: int
+    fresh: bool = False  # admitted for this call (not a later chunk)
+    followers: list[tuple[Request, int]] = field(default_factory=list)  # same prompt: (request, slot)
+
+
 class Engine:
     """Continuous batching over one model's GraphRunner and KV cache (see the module docstring)."""
 
@@ -36,10 +49,12 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
         self.waiting: deque[Request] = deque()
-        self.running: dict[int, Request] = {}  # slot -> request
+        self.running: dict[int, Request] = {}  # slot -> request decoding there
+        self.prefilling: dict[int, Request] = {}  # slot -> request whose prompt is prefilled in chunks
         self.lock = threading.RLock()
         self._submissions = 0  # submit() calls so far
         self.failed_steps = 0  # prefills / decodes that raised (their requests failed)
+        self.preemptions = 0  # requests whose blocks were taken back when the pool ran out
         self._prefilled_last_step = False  # the next step decodes first (see step)
         self._default_generator = torch.Generator(device=runner.device)
         self._default_generator.seed()
@@ -80,7 +95,7 @@ class Engine:
             self.waiting.extend(requests)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilling)
 
     # ---- one scheduler step ----------------------------------------------------------------
     def step(self) -> None:
@@ -105,57 +120,80 @@ class Engine:
                 self._prefilled_last_step = True
                 return
             if self.running:
-                running = list(self.running.values())
                 try:
                     self._decode_step()
                 except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
-                    self._fail_requests(running, e, "decode")
+                    self._fail_requests(list(self.running.values()), e, "decode")
 
     def _admit(self) -> bool:
-        """Fill free slots: requests prefilled elsewhere are merged in; the others are prefilled
-        here, one group per step: as many as one prefill call takes (the largest batch bucket, and
-        buckets.prefill_tokens padded tokens), so the running requests decode between groups.
-        True when a prefill ran (or failed)."""
+        """Requests prefilled elsewhere are merged into free slots; then one prefill call runs: the
+        next chunk of prompts being prefilled in chunks and new requests, as many as one call takes
+        (the largest batch bucket, buckets.prefill_tokens padded tokens, free slots and KV blocks).
+        The running requests decode between calls. True when a prefill ran (or failed)."""
         while self.waiting and self.cache.num_free():
-            first_req = self._next_waiting([])
-            if first_req.prefilled is not None:
-                self.waiting.remove(first_req)
-                try:
-                    self._merge(first_req)
-                except Exception as e:  # noqa: BLE001 - reported through the request it concerns
-                    self._fail_requests([first_req], e, "KV import")
-                continue
-            group = self._prefill_group(first_req)
-            slots = [self.cache.alloc() for _ in group]
-            try:
-                first, first_logprobs = self._prefill(group, slots)
-            except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
-                for slot in slots:
-                    self.cache.free(slot)
-                self._fail_requests(group, e, "prefill")
-            else:
-                self._start(group, slots, first, first_logprobs)
-            return True
-        return False
-
-    def _prefill_group(self, first_req: Request) -> list[Request]:
-        """first_req and the waiting requests admitted with it (taken off the queue): in
-        _next_waiting's order, while there are free slots and the distinct prompts (identical
-        ones share a prefill row) fit one prefill call."""
-        group = [first_req]
-        self.waiting.remove(first_req)
-        prompts = {tuple(first_req.prompt_ids)}
-        while len(group) < self.cache.num_free():
-            req = self._next_waiting(group, prefilled=False)
-            if req is None:
-                break
-            rows = prompts | {tuple(req.prompt_ids)}
-            if not self.runner.buckets.prefill_fits(len(rows), max(map(len, rows))):
+            req = self._next_waiting([], prefilled=True)
+            if req is None or not self._can_take(self.cache.blocks_for(len(req.prompt_ids) + 1)):
                 break
             self.waiting.remove(req)
-            group.append(req)
-            prompts = rows
-        return group
+            try:
+                self._merge(req)
+            except Exception as e:  # noqa: BLE001 - reported through the request it concerns
+                self._fail_requests([req], e, "KV import")
+        rows = self._prefill_group()
+        if not rows:
+            return False
+        try:
+            self._prefill(rows)
+        except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
+            self._fail_requests([r.req for r in rows] + [f for r in rows for f, _ in r.followers], e, "prefill")
+        return True
+
+    def _can_take(self, blocks: int) -> bool:
+        """Whether a new request may take `blocks` KV blocks now: when others hold blocks, enough
+        stay free for each of them to grow by one block (else decode would preempt at once)."""
+        busy = len(self.running) + len(self.prefilling)
+        return blocks + busy <= self.cache.free_blocks
+
+    def _prefill_group(self) -> list[_PrefillRow]:
+        """The rows of the next prefill call, taken off the queue and given slots and blocks: first
+        the next chunk of each request already being prefilled (oldest first), then new requests
+        in _next_waiting's order, while one call takes them. A new request reuses the cached blocks
+        of its prompt's prefix; one whose prompt equals a row that finishes in this call shares
+        that row (n samples of a prompt)."""
+        b = self.runner.buckets
+        rows = [_PrefillRow(req, slot, req.computed, min(len(req.prefill_ids), req.computed + b.chunk_tokens))
+                for slot, req in sorted(self.prefilling.items(), key=lambda item: item[1].t_submit)]
+        while self.waiting and self.cache.num_free() and len(rows) < b.batch_sizes[-1]:
+            req = self._next_waiting([r.req for r in rows], prefilled=False)
+            if req is None:
+                break
+            ids = req.prefill_ids
+            twin = next((r for r in rows if r.fresh and r.req.prefill_ids == ids and r.end == len(ids)), None)
+            if twin is not None:
+                if not self._can_take(1):
+                    break
+                self.waiting.remove(req)
+                twin.followers.append((req, self.cache.alloc()))
+                continue
+            if any(r.req.prefill_ids == ids for r in rows):
+                break  # the same prompt is still being prefilled: then its blocks are cached
+            slot = self.cache.alloc()
+            start = self.cache.share_prefix(slot, ids)
+            end = min(len(ids), start + b.chunk_tokens)
+            longest = max([end - start] + [r.end - r.start for r in rows])
+            if (rows and not b.prefill_fits(len(rows) + 1, longest)) or \
+                    (not self._can_take(self.cache.blocks_to_reserve(slot, len(ids))) and (rows or self.running)):
+                self.cache.free(slot)
+                break
+            if not self.cache.reserve(slot, len(ids)):  # nothing else holds blocks: then it always fits
+                self.cache.free(slot)
+                break
+            self.waiting.remove(req)
+            req.slot, req.computed = slot, start
+            self.prefilling[slot] = req
+            self._set_sampling([req], [slot])
+            rows.append(_PrefillRow(req, slot, start, end, fresh=True))
+        return rows
 
     def _next_waiting(self, picked: list[Request], prefilled: bool | None = None) -> Request | None:
         """The waiting request to admit next: of the submission with the fewest requests running
@@ -163,7 +201,7 @@ class Engine:
         many prompts cannot hold every slot while another caller's request waits. `prefilled`
         True / False restricts the choice to requests prefilled elsewhere / not."""
         load: dict[int, int] = {}
-        for req in list(self.running.values()) + picked:
+        for req in list(self.running.values()) + list(self.prefilling.values()) + picked:
             load[req.submission] = load.get(req.submission, 0) + 1
         best = None
         for req in self.waiting:
@@ -183,26 +221,37 @@ class Engine:
             self.cache.free(slot)
             raise
         req.prompt_logprobs = req.prefilled.prompt_logprobs
+        req.slot = slot
         self._set_sampling([req], [slot])
         self._start([req], [slot], [req.prefilled.first_token], [req.prefilled.first_logprob])
 
-    def _prefill(self, group: list[Request], slots: list[int]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Prefill `group` into `slots` and sample each request's first token (and its logprob).
-        Requests with the same prompt (the n samples of one prompt) share one prefill: the first
-        one's KV is copied to the others' slots, and each draws its own first token."""
-        self._set_sampling(group, slots)
-        first_of: dict[tuple[int, ...], int] = {}  # prompt -> row of its first request in the group
-        rows = [first_of.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(group)]
-        unique = sorted(set(rows))
-        logits = self.runner.prefill([group[i].prompt_ids for i in unique], [slots[i] for i in unique])  # [u, V]
-        for i, row in enumerate(rows):
-            if row != i:
-                self.cache.copy_slot(slots[row], slots[i], len(group[i].prompt_ids))
+    def _prefill(self, rows: list[_PrefillRow]) -> None:
+        """Run one prefill call over the rows' chunks; the rows whose prefill is complete sample
+        their next token (with their followers: each its own, from the same logits) and start
+        decoding, the others wait for their next chunk."""
+        logits = self.runner.prefill([r.req.prefill_ids[:r.end] for r in rows], [r.slot for r in rows],
+                                     [r.start for r in rows])  # [n, V]
+        done = []
+        for i, r in enumerate(rows):
+            r.req.computed = r.end
+            self.cache.cache_prefix(r.slot, r.req.prefill_ids, r.end)
+            if r.end < len(r.req.prefill_ids):
+                continue
+            del self.prefilling[r.slot]
+            done.append((i, r.req, r.slot))
+            for follower, slot in r.followers:
+                self.cache.copy_slot(r.slot, slot, r.end)  # blocks checked by _can_take
+                follower.slot, follower.computed = slot, r.end
+                self._set_sampling([follower], [slot])
+                done.append((i, follower, slot))
+        if not done:
+            return
+        group, slots = [req for _, req, _ in done], [slot for _, _, slot in done]
         self._prompt_logprobs(group)
-        logits = logits[torch.tensor([unique.index(row) for row in rows], device=logits.device)]  # [n, V]
+        logits = logits[torch.tensor([i for i, _, _ in done], device=logits.device)]  # [n, V]
         tokens, logprobs = self._sample(logits, torch.tensor(slots, device=logits.device), group)
         host_tokens = tokens.tolist()
-        return host_tokens, self._logprobs_to_host(logprobs, host_tokens, group)
+        self._start(group, slots, host_tokens, self._logprobs_to_host(logprobs, host_tokens, group))
 
     def _prompt_logprobs(self, group: list[Request]) -> None:
         """Logprobs of the prompt tokens, for the requests that asked (SamplingParams.prompt_logprobs);
@@ -210,19 +259,19 @@ class Engine:
         scored: dict[tuple[int, ...], list[TokenLogprob | None]] = {}
         for req in group:
             k = req.params.prompt_logprobs
-            if k is None:
+            if k is None or req.prompt_logprobs is not None:  # (a preempted request scored them before)
                 continue
             key = tuple(req.prompt_ids)
             if key not in scored:
                 most = max(r.params.prompt_logprobs for r in group
                            if r.params.prompt_logprobs is not None and r.prompt_ids == req.prompt_ids)
-                scored[key] = self._score_prompt(req.prompt_ids, most)
+                scored[key] = self._score_prompt(req.prompt_ids, req.slot, most)
             req.prompt_logprobs = [None] + [TokenLogprob(e.token_id, e.logprob, e.top[:k]) for e in scored[key][1:]]
 
-    def _score_prompt(self, prompt: list[int], k: int, chunk: int = 256) -> list[TokenLogprob | None]:
+    def _score_prompt(self, prompt: list[int], slot: int, k: int, chunk: int = 256) -> list[TokenLogprob | None]:
         """[None, then each prompt token's logprob given the tokens before it, with k alternatives].
         The logits are made `chunk` positions at a time, so [S, V] never exists at once."""
-        hidden = self.runner.prompt_hidden(prompt)[:-1]  # [S - 1, D]: position i predicts token i + 1
+        hidden = self.runner.prompt_hidden(prompt, slot)[:-1]  # [S - 1, D]: position i predicts token i + 1
         targets = torch.tensor(prompt[1:], device=hidden.device)  # [S - 1]
         out: list[TokenLogprob | None] = [None]
         for lo in range(0, len(targets), chunk):
@@ -232,7 +281,8 @@ class Engine:
         return out
 
     def _set_sampling(self, group: list[Request], slots: list[int]) -> None:
-        """Write the group's sampling parameters into their slots' rows; output counts start at zero."""
+        """Write the group's sampling parameters into their slots' rows; output counts start from the
+        tokens generated so far (none, unless the request was preempted)."""
         idx = torch.tensor(slots, device=self.runner.device)
         dev = idx.device
 
@@ -253,7 +303,11 @@ class Engine:
         for req, slot in zip(group, slots):
             if req.params.repetition_penalty != 1:
                 state.prompt_seen[slot, torch.tensor(req.prompt_ids, device=dev)] = True
-            self._set_bias(req, slot, suppress_stops=req.params.min_tokens > 0)
+            if req.output_ids:
+                state.output_counts[slot].index_put_((torch.tensor(req.output_ids, device=dev),),
+                                                     torch.ones(len(req.output_ids), dtype=state.output_counts.dtype,
+                                                                device=dev), accumulate=True)
+            self._set_bias(req, slot, suppress_stops=req.params.min_tokens > len(req.output_ids))
 
     def _set_bias(self, req: Request, slot: int, suppress_stops: bool) -> None:
         """The slot's bias row: the request's logit_bias, and -inf on its stop tokens (EOS unless
@@ -270,38 +324,57 @@ class Engine:
             if stops:
                 row[torch.tensor(stops, device=row.device)] = float("-inf")
 
-    def _start(self, group: list[Request], slots: list[int], first_tokens: list[int],
-               first_logprobs: list[TokenLogprob | None]) -> None:
-        """Make the requests decode from their slots, starting after their first token (their
-        sampling rows are set: _prefill or _merge did it)."""
+    def _start(self, group: list[Request], slots: list[int], next_tokens: list[int],
+               next_logprobs: list[TokenLogprob | None]) -> None:
+        """Make the requests decode from their slots, after the token just sampled from their
+        prefill (their sampling rows are set: _prefill_group or _merge did it)."""
         idx = torch.tensor(slots, device=self.runner.device)
-        first = torch.tensor(first_tokens, device=idx.device)
+        first = torch.tensor(next_tokens, device=idx.device)
         self.tokens[idx, 0] = first
         self.logits_state.output_counts[idx, first] += 1
-        self.positions[idx] = torch.tensor([len(r.prompt_ids) for r in group], device=idx.device)
+        self.positions[idx] = torch.tensor([len(r.prefill_ids) for r in group], device=idx.device)
         self.active[idx] = 1
-        for req, slot, token, logprob in zip(group, slots, first_tokens, first_logprobs):
+        for req, slot, token, logprob in zip(group, slots, next_tokens, next_logprobs):
             req.slot = slot
             self.running[slot] = req
             self._append_token(req, token, logprob)
 
     # ---- separated prefill / decode (the hand-over primitives zoo.pd builds on) ------------
     def prefill_only(self, requests: list[Request]) -> list[PrefilledKV]:
-        """PROMPT role: prefill each request, sample its first token, and export the KV of its real
-        tokens (per layer [KV, prompt_len, hd]); no slot stays taken."""
+        """PROMPT role: prefill each request (in chunks when long), sample its first token, and
+        export the KV of its real tokens (per layer [KV, prompt_len, hd]); no slot or block stays
+        taken."""
         with self.lock:
             if self.cache.num_free() < len(requests):
                 raise RuntimeError(f"{len(requests)} requests but only {self.cache.num_free()} free KV slots")
+            need = sum(self.cache.blocks_for(len(r.prompt_ids)) for r in requests)
+            if need > self.cache.free_blocks:
+                raise RuntimeError(f"{len(requests)} prompts need {need} KV blocks, {self.cache.free_blocks} are free")
             slots = [self.cache.alloc() for _ in requests]
             try:
-                first, first_logprobs = self._prefill(requests, slots)
+                self._set_sampling(requests, slots)
+                chunk = self.runner.buckets.chunk_tokens
+                last: dict[int, torch.Tensor] = {}  # request -> logits of its last prompt token [V]
+                for start in range(0, max(len(r.prompt_ids) for r in requests), chunk):
+                    part = [i for i, r in enumerate(requests) if len(r.prompt_ids) > start]
+                    logits = self.runner.prefill([requests[i].prompt_ids[:start + chunk] for i in part],
+                                                 [slots[i] for i in part], [start] * len(part))
+                    last.update((i, logits[row]) for row, i in enumerate(part))
+                for req, slot in zip(requests, slots):
+                    req.slot = slot
+                self._prompt_logprobs(requests)
+                logits = torch.stack([last[i] for i in range(len(requests))])  # [n, V]
+                tokens, logprobs = self._sample(logits, torch.tensor(slots, device=logits.device), requests)
+                first = tokens.tolist()
+                first_logprobs = self._logprobs_to_host(logprobs, first, requests)
                 out = []
                 for req, slot, token, logprob in zip(requests, slots, first, first_logprobs):
                     k, v = self.cache.export_slot(slot, len(req.prompt_ids))
                     out.append(PrefilledKV(token, k, v, logprob, req.prompt_logprobs))
                 return out
             finally:
-                for slot in slots:
+                for req, slot in zip(requests, slots):
+                    req.slot = None
                     self.cache.free(slot)
 
     def submit_prefilled(self, request: Request, prefilled: PrefilledKV, slot: int | None = None) -> None:
@@ -324,7 +397,37 @@ class Engine:
             else:
                 self._merge(request, slot)
 
+    def _grow_or_preempt(self) -> None:
+        """Give each running request a block for the token it feeds next. When the pool runs out,
+        the request admitted last (running or being prefilled) is preempted: its blocks go back,
+        it waits at the head of the queue with what it generated, and re-prefills it later."""
+        for req in sorted(self.running.values(), key=lambda r: r.t_submit):
+            if req.slot not in self.running:
+                continue  # preempted below for an older one
+            while not self.cache.reserve(req.slot, len(req.prefill_ids)):
+                victim = max(list(self.running.values()) + list(self.prefilling.values()), key=lambda r: r.t_submit)
+                self._preempt(victim)
+                if victim is req:
+                    break
+
+    def _preempt(self, req: Request) -> None:
+        self.running.pop(req.slot, None)
+        self.prefilling.pop(req.slot, None)
+        self._release_slot(req.slot)
+        req.slot, req.computed = None, 0
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _release_slot(self, slot: int) -> None:
+        self.active[slot] = 0
+        self.positions[slot] = self.cache.scratch_position
+        self.cache.free(slot)
+
     def _decode_step(self) -> None:
+        self._grow_or_preempt()
+        if not self.running:
+            return
         B = self.runner.buckets.batch_for(max(self.running) + 1)
         # the longest running sequence, counting the token fed now (host bookkeeping: no sync)
         context = max(len(r.prompt_ids) + len(r.output_ids) for r in self.running.values())
@@ -416,11 +519,10 @@ class Engine:
             req.events[-1].finish_reason = reason
         else:
             req.events.append(StreamEvent(req.index, "", [], reason))
-        if req.slot is not None and self.running.get(req.slot) is req:
-            del self.running[req.slot]
-            self.active[req.slot] = 0
-            self.positions[req.slot] = self.cache.scratch_position
-            self.cache.free(req.slot)
+        if req.slot is not None and (self.running.get(req.slot) is req or self.prefilling.get(req.slot) is req):
+            self.running.pop(req.slot, None)
+            self.prefilling.pop(req.slot, None)
+            self._release_slot(req.slot)
 
     def abort(self, requests: list[Request], reason: str = "aborted") -> None:
         """Drop unfinished requests (a stream whose reader went away); frees their slots."""

@@ -84,10 +84,18 @@ class Request:
     submission: int = 0  # which submit() call queued it: admission is fair between submissions
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] | None = None  # when params.prompt_logprobs is set
+    computed: int = 0  # positions of prefill_ids whose KV is in the slot's blocks (chunked prefill)
+    preemptions: int = 0  # times its blocks were taken back for other requests (it then re-prefills)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What a prefill computes: the prompt, and after a preemption the tokens generated since
+        (their KV is recomputed; the next token then comes from the prefill's logits)."""
+        return self.prompt_ids + self.output_ids
 
     def result(self) -> GenerationResult:
         ttft = (self.t_first - self.t_submit) * 1e3 if self.t_first else float("nan")

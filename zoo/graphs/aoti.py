@@ -15,7 +15,8 @@ The KV caches are graph inputs that the graphs write in place (index_put_), exac
 
 Layout of an export folder:
   manifest.json             versions, config hash, dtype, cache geometry, buckets, graph files
-  prefill_b{B}_s{S}.pt2     one per (batch bucket B, prompt-length bucket S)
+  prefill_b{B}_s{S}.pt2     one per (batch bucket B, prompt-length bucket S) attending over the
+  prefill_b{B}_s{S}_c{T}.pt2  whole block table, or, with context buckets, per context bucket T >= S
   decode_b{B}.pt2           one per batch bucket B (attending over the whole cache), or, with
   decode_b{B}_c{L}.pt2      context buckets, one per (B, context bucket L)
 """
@@ -39,7 +40,7 @@ from zoo.graphs.kv_cache import KVCache
 from zoo.log import log
 
 FORMAT = "zoo-aoti"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the paged KV cache (block tables in, per-context prefill graphs)
 MANIFEST = "manifest.json"
 
 # Weights stay out of the shared library; freezing is off because it would fold weights into new
@@ -72,12 +73,14 @@ def _zoo_inductor_cache_dir():
 
 # ---- the modules torch.export traces --------------------------------------------------------
 class _PrefillGraph(nn.Module):
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, context_len: int | None = None):
         super().__init__()
         self.lm = lm
+        self.context_len = context_len  # a constant of this graph (None: the whole block table)
 
-    def forward(self, input_ids, lengths, slot_ids, k_caches, v_caches):
-        return self.lm.prefill(input_ids, lengths, slot_ids, k_caches, v_caches)
+    def forward(self, input_ids, start_pos, lengths, block_tables, k_caches, v_caches):
+        return self.lm.prefill(input_ids, start_pos, lengths, block_tables, k_caches, v_caches,
+                               context_len=self.context_len)
 
 
 class _DecodeGraph(nn.Module):
@@ -86,8 +89,8 @@ class _DecodeGraph(nn.Module):
         self.lm = lm
         self.context_len = context_len  # a constant of this graph (None: the whole cache)
 
-    def forward(self, input_ids, positions, k_caches, v_caches):
-        return self.lm.decode(input_ids, positions, k_caches, v_caches, context_len=self.context_len)
+    def forward(self, input_ids, positions, block_tables, k_caches, v_caches):
+        return self.lm.decode(input_ids, positions, block_tables, k_caches, v_caches, context_len=self.context_len)
 
 
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,9 +114,10 @@ def _module_dtype(module: nn.Module) -> torch.dtype:
 
 
 def cache_geometry(cache: KVCache) -> dict[str, int]:
-    _, kv_heads, _, head_dim = cache.k[0].shape  # [num_slots + 1, KV, max_seq_len + 1, hd]
-    return {"num_slots": cache.num_slots, "max_seq_len": cache.max_seq_len, "num_layers": len(cache.k),
-            "num_kv_heads": kv_heads, "head_dim": head_dim}
+    _, kv_heads, _, head_dim = cache.k[0].shape  # [num_blocks + 1, KV, block_size, hd]
+    return {"num_slots": cache.num_slots, "max_seq_len": cache.max_seq_len, "num_tokens": cache.num_tokens,
+            "block_size": cache.block_size, "num_layers": len(cache.k), "num_kv_heads": kv_heads,
+            "head_dim": head_dim}
 
 
 def _identity(module: nn.Module, cache: KVCache) -> dict:
@@ -165,9 +169,9 @@ def _export_one(wrapper: nn.Module, args: tuple, package_path: str, tensors: dic
 def export_graphs(module: nn.Module, cache: KVCache, out_dir: str, batch_sizes: list[int], prefill_lens: list[int],
                   context_lens: list[int] = ()) -> str:
     """Export the module's prefill graph for every (B in batch_sizes, S in prefill_lens) and its decode
-    graph for every B (and every context bucket L in context_lens, which must end at max_seq_len;
-    none: decode attends over the whole cache), as AOTInductor packages under out_dir, plus
-    out_dir/manifest.json. Returns out_dir."""
+    graph for every B, each for every context bucket in context_lens (which must end at
+    max_seq_len; a prefill's only those >= S; none: the whole block table), as AOTInductor packages
+    under out_dir, plus out_dir/manifest.json. Returns out_dir."""
     batch_sizes = _check_buckets("batch_sizes", batch_sizes, cache.num_slots, "max_batch_size")
     prefill_lens = _check_buckets("prefill_lens", prefill_lens, cache.max_seq_len, "max_seq_len")
     if context_lens:
@@ -181,26 +185,29 @@ def export_graphs(module: nn.Module, cache: KVCache, out_dir: str, batch_sizes: 
 
     module.eval()
     tensors = _module_tensors(module)
-    jobs = [("prefill", B, S) for B in batch_sizes for S in prefill_lens]
-    jobs += [("decode", B, L) for B in batch_sizes for L in (context_lens or [None])]
+    contexts = list(context_lens) or [None]
+    jobs = [("prefill", B, S, T) for B in batch_sizes for S in prefill_lens for T in contexts if T is None or T >= S]
+    jobs += [("decode", B, None, L) for B in batch_sizes for L in contexts]
     graphs = {"prefill": [], "decode": []}
     constants: dict[str, dict] = {}
     start = time.perf_counter()
-    for i, (kind, B, S) in enumerate(jobs, start=1):
+    for i, (kind, B, S, T) in enumerate(jobs, start=1):
+        context = "" if T is None else f"_c{T}"
         if kind == "prefill":
-            file, wrapper, args = f"prefill_b{B}_s{S}.pt2", _PrefillGraph(module), cache.scratch_prefill_inputs(B, S)
+            file = f"prefill_b{B}_s{S}{context}.pt2"
+            wrapper, args = _PrefillGraph(module, T), cache.scratch_prefill_inputs(B, S)
         else:
-            file = f"decode_b{B}.pt2" if S is None else f"decode_b{B}_c{S}.pt2"
-            wrapper, args = _DecodeGraph(module, S), cache.scratch_decode_inputs(B)
-        what = f"{kind} graph for batch {B}" + (f", {'length' if kind == 'prefill' else 'context'} {S}" if S else "")
+            file = f"decode_b{B}{context}.pt2"
+            wrapper, args = _DecodeGraph(module, T), cache.scratch_decode_inputs(B)
+        what = f"{kind} graph for batch {B}" + (f", length {S}" if S else "") + (f", context {T}" if T else "")
         log(f"[{i}/{len(jobs)}] exporting {what} with AOTInductor -> {file}")
         t0 = time.perf_counter()
         with _zoo_inductor_cache_dir():
             constants.update(_export_one(wrapper, args, os.path.join(out_dir, file), tensors))
         size = os.path.getsize(os.path.join(out_dir, file))
         log(f"  ... {time.perf_counter() - t0:.1f} s, {size / 2**20:.1f} MiB")
-        shape = {"batch_size": B} if S is None else {"batch_size": B,
-                                                     "prefill_len" if kind == "prefill" else "context_len": S}
+        shape = {"batch_size": B, **({} if S is None else {"prefill_len": S}),
+                 **({} if T is None else {"context_len": T})}
         graphs[kind].append({**shape, "file": file, "bytes": size})
 
     manifest = {
@@ -294,6 +301,7 @@ class ExportedGraphs:
         self._cache_shape, self._device = tuple(cache.k[0].shape), cache.k[0].device
         self._cache_dtype = getattr(torch, manifest["dtype"])
         self._num_layers = manifest["cache"]["num_layers"]
+        self._table_width = cache.block_tables.shape[1]
         self._cache_k = self._cache_v = None
         self._check_caches(cache.k, cache.v)  # every tensor, once ...
         self._cache_k, self._cache_v = cache.k, cache.v  # ... then calls passing these lists skip the checks
@@ -333,9 +341,9 @@ class ExportedGraphs:
             return runner.loader
 
         try:
-            prefill = {(g["batch_size"], g["prefill_len"]): open_graph(g, 3 + 2 * n_layers)
+            prefill = {(g["batch_size"], g["prefill_len"], g.get("context_len")): open_graph(g, 4 + 2 * n_layers)
                        for g in manifest["graphs"]["prefill"]}
-            decode = {(g["batch_size"], g.get("context_len")): open_graph(g, 2 + 2 * n_layers)
+            decode = {(g["batch_size"], g.get("context_len")): open_graph(g, 3 + 2 * n_layers)
                       for g in manifest["graphs"]["decode"]}
         except (KeyError, TypeError) as e:
             raise ValueError(f"{os.path.join(export_dir, MANIFEST)!r} is corrupt: bad graphs entry ({e!r})") from None
@@ -343,20 +351,25 @@ class ExportedGraphs:
         return cls(export_dir, manifest, prefill, decode, used, cache, time.perf_counter() - start)
 
     # ---- the graph entry points -----------------------------------------------------------------
-    def prefill(self, input_ids, lengths, slot_ids, k_caches, v_caches) -> torch.Tensor:
-        """input_ids [B, S] long, lengths [B], slot_ids [B] -> logits [B, V] float32; writes k/v in place."""
-        runner = self._prefill_runners.get(tuple(input_ids.shape))
+    def prefill(self, input_ids, start_pos, lengths, block_tables, k_caches, v_caches,
+                context_len: int | None = None) -> torch.Tensor:
+        """input_ids [B, S] long, start_pos [B], lengths [B], block_tables [B, NB] -> logits [B, V]
+        float32; writes k/v in place. context_len: an exported context bucket >= S, or None without them."""
+        runner = self._prefill_runners.get((*input_ids.shape, context_len)) if input_ids.dim() == 2 else None
         if runner is None:
-            raise ValueError(f"no exported prefill graph for input_ids of shape {list(input_ids.shape)}; "
-                             f"exported buckets: batch sizes {list(self.batch_sizes)} x prompt lengths "
-                             f"{list(self.prefill_lens)}")
-        self._check_inputs(input_ids.shape[0], input_ids=input_ids, lengths=lengths, slot_ids=slot_ids)
+            raise ValueError(f"no exported prefill graph for input_ids of shape {list(input_ids.shape)} and context "
+                             f"{context_len}; exported buckets: batch sizes {list(self.batch_sizes)} x prompt "
+                             f"lengths {list(self.prefill_lens)}, contexts {list(self.context_lens) or 'whole table'}")
+        self._check_inputs(input_ids.shape[0], input_ids=input_ids, start_pos=start_pos, lengths=lengths)
+        self._check_tables(input_ids.shape[0], block_tables)
         self._check_caches(k_caches, v_caches)
-        return runner.run([input_ids, lengths, slot_ids, *k_caches, *v_caches])[0]
+        return runner.run([input_ids, start_pos, lengths, block_tables, *k_caches, *v_caches])[0]
 
-    def decode(self, input_ids, positions, k_caches, v_caches, context_len: int | None = None) -> torch.Tensor:
-        """input_ids [B, 1] long, positions [B] -> logits [B, V] float32; writes k/v in place.
-        context_len: the context bucket (one of the exported context_lens, or None without them)."""
+    def decode(self, input_ids, positions, block_tables, k_caches, v_caches,
+               context_len: int | None = None) -> torch.Tensor:
+        """input_ids [B, 1] long, positions [B], block_tables [B, NB] -> logits [B, V] float32; writes
+        k/v in place. context_len: the context bucket (one of the exported context_lens, or None
+        without them)."""
         shape = tuple(input_ids.shape)
         ok = len(shape) == 2 and shape[1] == 1
         runner = self._decode_runners.get((shape[0], context_len)) if ok else None
@@ -365,8 +378,9 @@ class ExportedGraphs:
                              f"{context_len}; exported buckets: [B, 1] for batch sizes {list(self.batch_sizes)}"
                              f", contexts {list(self.context_lens) or 'whole cache'}")
         self._check_inputs(shape[0], input_ids=input_ids, positions=positions)
+        self._check_tables(shape[0], block_tables)
         self._check_caches(k_caches, v_caches)
-        return runner.run([input_ids, positions, *k_caches, *v_caches])[0]
+        return runner.run([input_ids, positions, block_tables, *k_caches, *v_caches])[0]
 
     # AOTInductor does not check its inputs (sizes, strides, dtypes and device are compiled in), so a
     # mismatch would read or write out of bounds: check the cheap ones on every call.
@@ -377,6 +391,13 @@ class ExportedGraphs:
                 raise ValueError(f"{name} must be a contiguous int64 tensor on {self._device}"
                                  + ("" if name == "input_ids" else f" of shape [{B}]")
                                  + f", got {t.dtype} of shape {list(t.shape)} on {t.device}")
+
+    def _check_tables(self, B: int, block_tables: torch.Tensor) -> None:
+        shape = (B, self._table_width)
+        if (tuple(block_tables.shape) != shape or block_tables.dtype != torch.long
+                or block_tables.device != self._device or not block_tables.is_contiguous()):
+            raise ValueError(f"block_tables must be a contiguous int64 tensor of shape {list(shape)} on {self._device}, "
+                             f"got {block_tables.dtype} of shape {list(block_tables.shape)} on {block_tables.device}")
 
     def _check_caches(self, k_caches, v_caches) -> None:
         if k_caches is self._cache_k and v_caches is self._cache_v:

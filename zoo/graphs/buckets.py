@@ -12,7 +12,13 @@ static graph of the same length costs (benches/results/dynamic_lengths-*.md) and
 
 `prefill_tokens` caps the padded tokens (batch bucket x length) of one prefill call: larger groups
 of prompts are split, and with static lengths the (batch, length) graphs past the cap are never
-built. A single prompt always fits, at any length.
+built. A prompt longer than one call takes (`chunk_tokens`) is prefilled in chunks, one per engine
+step, with decode steps of the running requests in between (chunked prefill).
+
+A prefill also attends over what its rows already hold in the KV cache (a cached prefix, earlier
+chunks): with static lengths its graph is one per (batch, length, context bucket), the context
+bucket holding every row's whole prompt; with dynamic lengths the context is a second dynamic
+dimension of the one graph per batch bucket.
 """
 from __future__ import annotations
 
@@ -74,18 +80,32 @@ class Buckets:
         m = self.length_multiple
         return min(-(-max(n, 1) // m) * m, limit)
 
+    @property
+    def chunk_tokens(self) -> int:
+        """The most tokens of one prompt one prefill call computes; longer prompts run in chunks."""
+        if self.prefill_tokens is None or self.prefill_tokens >= self.max_len:
+            return self.max_len
+        if self.dynamic_lengths:
+            return max(self.length_multiple, self.prefill_tokens // self.length_multiple * self.length_multiple)
+        fitting = [S for S in self.prefill_lens if S <= self.prefill_tokens]
+        return fitting[-1] if fitting else self.prefill_lens[0]
+
     def prefill_fits(self, rows: int, longest: int) -> bool:
-        """Whether `rows` prompts, the longest `longest` tokens, run as one prefill call."""
+        """Whether `rows` prompt chunks, the longest `longest` tokens (<= chunk_tokens), run as one
+        prefill call."""
         if rows == 1 or self.prefill_tokens is None:
             return rows <= self.batch_sizes[-1]
         return rows <= self.batch_sizes[-1] and self.batch_for(rows) * self.prefill_len_for(longest) <= self.prefill_tokens
 
     # ---- the graphs --------------------------------------------------------------------------
-    def prefill_graphs(self) -> list[tuple[int, int | None]]:
-        """(batch, length) of every prefill graph, small lengths first; length None: dynamic."""
+    def prefill_graphs(self) -> list[tuple[int, int | None, int | None]]:
+        """(batch, length, context) of every prefill graph, small lengths first; length and
+        context None with dynamic lengths; context None: the whole block table."""
         if self.dynamic_lengths:
-            return [(B, None) for B in self.batch_sizes]
-        return [(B, S) for S in self.prefill_lens for B in self.batch_sizes if self.prefill_fits(B, S)]
+            return [(B, None, None) for B in self.batch_sizes]
+        contexts = self.context_lens or (None,)
+        return [(B, S, T) for S in self.prefill_lens if S <= self.chunk_tokens for T in contexts
+                if T is None or T >= S for B in self.batch_sizes if self.prefill_fits(B, S)]
 
     def decode_graphs(self) -> list[tuple[int, int | None]]:
         """(batch, context) of every decode graph; context None: dynamic, or the whole cache."""

@@ -92,25 +92,34 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
 
 
 def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buckets):
-    """prefill / decode with the signatures of the module's, compiled with one dynamic dimension:
-    the prompt length (input_ids' dim 1) and the decode context. Everything else stays static."""
+    """prefill / decode with the signatures of the module's, compiled with dynamic dimensions: the
+    prompt length (input_ids' dim 1) and the context attended (prefill and decode). Everything
+    else stays static."""
     lo, hi = buckets.length_multiple, buckets.max_len
 
-    def decode_over(input_ids, positions, k_caches, v_caches, span):
-        # the context length reaches the graph as the size of `span` (a graph's ints are constants)
-        return module.decode(input_ids, positions, k_caches, v_caches, context_len=span.shape[0])
+    # the context length reaches the graph as the size of `span` (a graph's ints are constants)
+    def prefill_over(input_ids, start_pos, lengths, block_tables, k_caches, v_caches, span):
+        return module.prefill(input_ids, start_pos, lengths, block_tables, k_caches, v_caches,
+                              context_len=span.shape[0])
 
-    prefill_graph = torch.compile(module.prefill, fullgraph=True, dynamic=False, options=options)
+    def decode_over(input_ids, positions, block_tables, k_caches, v_caches, span):
+        return module.decode(input_ids, positions, block_tables, k_caches, v_caches, context_len=span.shape[0])
+
+    prefill_graph = torch.compile(prefill_over, fullgraph=True, dynamic=False, options=options)
     decode_graph = torch.compile(decode_over, fullgraph=True, dynamic=False, options=options)
 
-    def prefill(input_ids, lengths, slot_ids, k_caches, v_caches):  # input_ids [B, S], lo <= S <= hi
-        torch._dynamo.mark_dynamic(input_ids, 1, min=lo, max=hi)
-        return prefill_graph(input_ids, lengths, slot_ids, k_caches, v_caches)
-
-    def decode(input_ids, positions, k_caches, v_caches, context_len: int):  # lo <= context_len <= hi
-        span = torch.empty(context_len, dtype=torch.int8, device=input_ids.device)  # [L], never read
+    def span_of(context_len: int, device) -> torch.Tensor:
+        span = torch.empty(context_len, dtype=torch.int8, device=device)  # [T], never read
         torch._dynamo.mark_dynamic(span, 0, min=lo, max=hi)
-        return decode_graph(input_ids, positions, k_caches, v_caches, span)
+        return span
+
+    def prefill(input_ids, start_pos, lengths, block_tables, k_caches, v_caches, context_len: int):
+        torch._dynamo.mark_dynamic(input_ids, 1, min=lo, max=hi)  # input_ids [B, S], lo <= S <= hi
+        return prefill_graph(input_ids, start_pos, lengths, block_tables, k_caches, v_caches,
+                             span_of(context_len, input_ids.device))
+
+    def decode(input_ids, positions, block_tables, k_caches, v_caches, context_len: int):  # lo <= context_len <= hi
+        return decode_graph(input_ids, positions, block_tables, k_caches, v_caches, span_of(context_len, input_ids.device))
 
     return prefill, decode
 

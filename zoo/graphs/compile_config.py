@@ -11,13 +11,14 @@ the model registry names each architecture's file stem);
                                     # every layer (torch.compiler.nested_compile_region): compile time
                                     # independent of depth. Not with cpp_wrapper (inductor has no C++
                                     # wrapper code for nested regions in torch 2.13)
+    kv_block_size = 32              # positions per block of the paged KV cache (zoo.graphs.kv_cache)
 
     [buckets]                       # optional; cut at / extended to max_batch_size and max_seq_len
     batch_sizes = [1, 2, 4, 8]
     prefill_lens = [32, 64, 128, 256, 512, 1024, 2048]
     context_lens = [256, 512, 1024, 2048]   # decode attends over the first L positions; omit = all
     prefill_tokens = 2048           # most padded tokens (batch x length) one prefill call runs; larger
-                                    # groups are split (a single prompt always runs whole)
+                                    # groups are split, longer prompts prefilled in chunks
     # or, instead of prefill_lens / context_lens (inductor, not with CUDA graphs):
     dynamic_lengths = true          # one prefill and one decode graph per batch size, the prompt length
                                     # and decode context a dynamic dimension (zoo.graphs.buckets)
@@ -53,7 +54,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 BACKENDS = ("inductor", "torchair")
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _BUCKET_SCALARS = {"prefill_tokens": int, "dynamic_lengths": bool, "length_multiple": int}
-_TOP_LEVEL = {"backend", "mode", "graph_cache", "regional", "buckets", "inductor", "torchair"}
+_TOP_LEVEL = {"backend", "mode", "graph_cache", "regional", "kv_block_size", "buckets", "inductor", "torchair"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class CompileConfig:
     inductor: dict = field(default_factory=dict)  # for every dtype
     inductor_by_dtype: dict = field(default_factory=dict)  # dtype name -> options on top
     torchair: dict = field(default_factory=dict)
+    kv_block_size: int = 32
 
     def inductor_options(self, dtype: torch.dtype) -> dict:
         """What torch.compile(options=...) gets: the mode's options, then ours, then the dtype's."""
@@ -138,6 +140,10 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
     if regional and backend != "inductor":
         fail("regional", "is an inductor option (torchair compiles the whole graph)")
 
+    kv_block_size = raw.get("kv_block_size", 32)
+    if type(kv_block_size) is not int or kv_block_size < 1:
+        fail("kv_block_size", f"must be a positive int, got {kv_block_size!r}")
+
     buckets = raw.get("buckets", {})
     if not isinstance(buckets, dict):
         fail("buckets", "must be a table")
@@ -189,7 +195,7 @@ def parse_compile_config(raw: dict, source: str) -> CompileConfig:
 
     return CompileConfig(source, backend, mode, graph_cache, regional, sizes.get("batch_sizes"),
                          sizes.get("prefill_lens"), sizes.get("context_lens"), scalars.get("prefill_tokens"),
-                         dynamic, scalars.get("length_multiple", 32), inductor, by_dtype, torchair)
+                         dynamic, scalars.get("length_multiple", 32), inductor, by_dtype, torchair, kv_block_size)
 
 
 def _parse_inductor(table, fail) -> tuple[dict, dict]:

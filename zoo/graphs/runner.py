@@ -78,7 +78,7 @@ class GraphRunner:
         # decode first (every request needs it at every step), small shapes first
         b = self.buckets
         todo = [self._decode_key(B, L) for B, L in b.decode_graphs()]
-        todo += [self._prefill_key(B, S) for B, S in b.prefill_graphs()]
+        todo += [self._prefill_key(B, S, T) for B, S, T in b.prefill_graphs()]
         for key in todo:
             try:
                 self._build(key)
@@ -86,9 +86,10 @@ class GraphRunner:
                 log(f"background compile of {key} failed; it keeps running eagerly: {type(e).__name__}: {e}")
         log(f"background compile done: {self.graphs_ready} of {self.graphs_total} graphs ready")
 
-    def _prefill_key(self, B: int, S: int | None) -> tuple:
-        """The graph of a prefill of batch bucket B, length bucket S (one per B with dynamic lengths)."""
-        return ("prefill", B) if self.buckets.dynamic_lengths else ("prefill", B, S)
+    def _prefill_key(self, B: int, S: int | None, T: int | None) -> tuple:
+        """The graph of a prefill of batch bucket B, length bucket S over context T (None: the
+        whole block table); one per B with dynamic lengths."""
+        return ("prefill", B) if self.buckets.dynamic_lengths else ("prefill", B, S, T)
 
     def _decode_key(self, B: int, L: int | None) -> tuple:
         """The graph of a decode of batch bucket B over context L (None: the whole cache); one per B
@@ -96,18 +97,20 @@ class GraphRunner:
         return ("decode", B) if L is None or self.buckets.dynamic_lengths else ("decode", B, L)
 
     def _build(self, key: tuple) -> None:
-        """Build one bucket's graph with scratch inputs (writing only to scratch cache space); a
+        """Build one bucket's graph with scratch inputs (writing only to the scratch block); a
         dynamic-length graph at the smallest length."""
         if key in self.first_call_seconds:
             return
-        length = key[2] if len(key) > 2 else self.buckets.length_multiple if self.buckets.dynamic_lengths else None
+        smallest = self.buckets.length_multiple if self.buckets.dynamic_lengths else None
         with torch.no_grad():
             if key[0] == "prefill":
-                self._timed_first_call(key, self._prefill, *self.cache.scratch_prefill_inputs(key[1], length))
+                S, T = (key[2], key[3]) if len(key) > 2 else (smallest, smallest)
+                kwargs = {} if T is None else {"context_len": T}
+                self._timed_first_call(key, self._prefill, *self.cache.scratch_prefill_inputs(key[1], S), **kwargs)
             else:
-                input_ids, positions, k, v = self.cache.scratch_decode_inputs(key[1])
+                length = key[2] if len(key) > 2 else smallest
                 kwargs = {} if length is None else {"context_len": length}
-                self._timed_first_call(key, self._decode, input_ids, positions, k, v, **kwargs)
+                self._timed_first_call(key, self._decode, *self.cache.scratch_decode_inputs(key[1]), **kwargs)
 
     def wait_for_background_compile(self, timeout_s: float | None = None) -> bool:
         """Wait until the background compile is done; True when it is (or none ran)."""
@@ -122,9 +125,7 @@ class GraphRunner:
             self.eager_calls += 1  # its graph is not ready yet: run it eagerly meanwhile
             eager = self.module.prefill if key[0] == "prefill" else self.module.decode
             return eager(*args, **kwargs)
-        what = {"prefill": "length", "decode": "context"}[key[0]]
-        name = f"{key[0]} graph for batch {key[1]}" + (f", {what} {key[2]}" if len(key) > 2 else
-                                                       f", dynamic {what}" if self.buckets.dynamic_lengths else "")
+        name = _graph_name(key, self.buckets.dynamic_lengths)
         cached = self.graph_cache is not None and self.graph_cache.has(name)
         if self.compiled and self.log_compiles:
             log(f"{'loading cached' if cached else 'compiling'} {name} ({self.description})")
@@ -138,45 +139,78 @@ class GraphRunner:
         return out
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]], slots: list[int], starts: list[int] | None = None) -> torch.Tensor:
         """Prompts (token ids) written into cache `slots` -> logits of each prompt's last token [n, V].
-        A group larger than one call may run (buckets.prefill_tokens) runs as several."""
-        calls, start = [], 0
-        while start < len(prompts):
-            end = start + 1
-            while end < len(prompts) and self.buckets.prefill_fits(end + 1 - start, max(map(len, prompts[start:end + 1]))):
-                end += 1
-            calls.append(self._prefill_call(prompts[start:end], slots[start:end]))
-            start = end
-        return calls[0] if len(calls) == 1 else torch.cat(calls)
+        starts: per prompt, the positions already in its slot's blocks (a cached prefix, earlier
+        chunks; default 0); only prompt[start:] is computed, and it must fit one call
+        (buckets.chunk_tokens). Blocks the slots lack for their prompts are reserved here. A prompt
+        sent to the scratch slot runs in a temporary slot whose blocks are freed after the call
+        (its logits only). A group larger than one call may run (buckets.prefill_tokens) runs as
+        several."""
+        starts = starts or [0] * len(prompts)
+        scratch = self.cache.scratch_slot
+        temporary = [self.cache.alloc() if slot == scratch else None for slot in slots]
+        try:
+            slots = [slot if tmp is None else tmp for slot, tmp in zip(slots, temporary)]
+            for prompt, slot, start in zip(prompts, slots, starts):
+                if not 0 <= start < len(prompt) or len(prompt) - start > self.buckets.chunk_tokens:
+                    raise ValueError(f"prefill of positions [{start}, {len(prompt)}) is not one chunk of at most "
+                                     f"{self.buckets.chunk_tokens} tokens")
+                if not self.cache.reserve(slot, len(prompt)):
+                    raise RuntimeError(f"not enough free KV blocks for a {len(prompt)}-token prompt "
+                                       f"({self.cache.free_blocks} free)")
+            calls, first = [], 0
+            while first < len(prompts):
+                end = first + 1
+                while end < len(prompts) and self.buckets.prefill_fits(
+                        end + 1 - first,
+                        max(len(p) - s for p, s in zip(prompts[first:end + 1], starts[first:end + 1]))):
+                    end += 1
+                calls.append(self._prefill_call(prompts[first:end], slots[first:end], starts[first:end]))
+                first = end
+            return calls[0] if len(calls) == 1 else torch.cat(calls)
+        finally:
+            for tmp in temporary:
+                if tmp is not None:
+                    self.cache.free(tmp)
 
-    def _prefill_call(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def _prefill_call(self, prompts: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
         n = len(prompts)
         B = self.buckets.batch_for(n)
-        S = self.buckets.prefill_len_for(max(len(p) for p in prompts))
+        S = self.buckets.prefill_len_for(max(len(p) - s for p, s in zip(prompts, starts)))
+        T = self.buckets.context_len_for(max(S, *(len(p) for p in prompts)))  # (a graph's context holds its length)
         input_ids = torch.zeros(B, S, dtype=torch.long)
-        lengths = torch.ones(B, dtype=torch.long)  # padding rows: length 1 ...
-        slot_ids = torch.full((B,), self.cache.scratch_slot, dtype=torch.long)  # ... in the scratch slot
-        for i, (prompt, slot) in enumerate(zip(prompts, slots)):
-            input_ids[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            lengths[i], slot_ids[i] = len(prompt), slot
+        start_pos = torch.zeros(B, dtype=torch.long)
+        lengths = torch.ones(B, dtype=torch.long)  # padding rows: length 1 in the scratch slot
+        rows = [self.cache.scratch_slot] * B
+        for i, (prompt, slot, start) in enumerate(zip(prompts, slots, starts)):
+            input_ids[i, : len(prompt) - start] = torch.tensor(prompt[start:], dtype=torch.long)
+            start_pos[i], lengths[i], rows[i] = start, len(prompt) - start, slot
         dev = self.device
-        logits = self._timed_first_call(self._prefill_key(B, S), self._prefill, input_ids.to(dev), lengths.to(dev),
-                                        slot_ids.to(dev), self.cache.k, self.cache.v)
+        tables = self.cache.block_tables[torch.tensor(rows, device=dev)]  # [B, blocks_per_seq + 1]
+        kwargs = {} if T is None else {"context_len": T}
+        logits = self._timed_first_call(self._prefill_key(B, S, T), self._prefill, input_ids.to(dev),
+                                        start_pos.to(dev), lengths.to(dev), tables, self.cache.k, self.cache.v,
+                                        **kwargs)
         return logits[:n]
 
     @torch.no_grad()
-    def prompt_hidden(self, prompt: list[int]) -> torch.Tensor:
-        """Hidden states of every prompt position [S, D], eagerly on the model (no bucket, no graph);
-        its keys/values go to the scratch slot, which no request reads. For prompt logprobs, a
-        rarely asked-for extra pass: the request's own prefill still runs in its graph."""
+    def prompt_hidden(self, prompt: list[int], slot: int) -> torch.Tensor:
+        """Hidden states of every prompt position [S, D], eagerly on the model (no bucket, no graph),
+        for prompt logprobs, a rarely asked-for extra pass. It runs over the request's own slot,
+        whose blocks already hold this prompt's KV: it writes the same keys and values again."""
         if self.module is None:
             raise RuntimeError("prompt logprobs need the eager model, and this runner was built without it")
+        if self.cache.capacity(slot) < len(prompt):
+            raise ValueError(f"slot {slot} has blocks for {self.cache.capacity(slot)} positions, not the "
+                             f"prompt's {len(prompt)}")
         dev = self.device
         input_ids = torch.tensor([prompt], dtype=torch.long, device=dev)
+        start = torch.zeros(1, dtype=torch.long, device=dev)
         lengths = torch.tensor([len(prompt)], dtype=torch.long, device=dev)
-        slot_ids = torch.tensor([self.cache.scratch_slot], dtype=torch.long, device=dev)
-        return self.module.prefill_hidden(input_ids, lengths, slot_ids, self.cache.k, self.cache.v)[0]
+        tables = self.cache.block_tables[slot:slot + 1]
+        return self.module.prefill_hidden(input_ids, start, lengths, tables, self.cache.k, self.cache.v,
+                                          self.buckets.context_len_for(len(prompt)))[0]
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -185,7 +219,8 @@ class GraphRunner:
 
     @torch.no_grad()
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, context: int | None = None) -> torch.Tensor:
-        """input_ids [B, 1], positions [B] on the device, B a batch bucket -> logits [B, V].
+        """input_ids [B, 1], positions [B] on the device, B a batch bucket -> logits [B, V]. Row i
+        is slot i, whose blocks must cover its position (KVCache.reserve).
         context: the longest sequence among the rows, counting this step's token (host-side
         bookkeeping, never read from the device); None attends over the whole cache."""
         B = input_ids.shape[0]
@@ -193,8 +228,8 @@ class GraphRunner:
         if L is None and self.buckets.dynamic_lengths:
             L = self.buckets.max_len  # the whole cache
         kwargs = {} if L is None else {"context_len": L}
-        return self._timed_first_call(self._decode_key(B, L), self._decode, input_ids, positions, self.cache.k,
-                                      self.cache.v, **kwargs)
+        return self._timed_first_call(self._decode_key(B, L), self._decode, input_ids, positions,
+                                      self.cache.block_tables[:B], self.cache.k, self.cache.v, **kwargs)
 
     def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True, context_lens=None) -> None:
         """Build (compile) the graphs for these buckets now, writing only to scratch cache space
@@ -207,11 +242,22 @@ class GraphRunner:
         prefill_lens = b.prefill_lens if prefill_lens is None else prefill_lens
         contexts = b.context_lens if context_lens is None else context_lens
         contexts = sorted({b.context_len_for(c) for c in contexts}) or [None]
+        lens = {b.prefill_len_for(S) for S in prefill_lens}
         for B in batch_sizes:
             B = b.batch_for(B)
-            for S in prefill_lens:
-                S = b.length_multiple if b.dynamic_lengths else b.prefill_len_for(S)  # (built at the smallest)
-                if b.prefill_fits(B, S):
-                    self._build(self._prefill_key(B, S))
+            for gB, S, T in b.prefill_graphs():
+                if gB == B and (bool(lens) if b.dynamic_lengths else S in lens):
+                    self._build(self._prefill_key(gB, S, T))
             for L in contexts if decode else []:
                 self._build(self._decode_key(B, L))
+
+
+def _graph_name(key: tuple, dynamic_lengths: bool) -> str:
+    """How a bucket's graph is named in the log and the graph cache's manifest."""
+    name = f"{key[0]} graph for batch {key[1]}"
+    if key[0] == "prefill" and len(key) > 2:
+        return name + f", length {key[2]}" + ("" if key[3] is None else f", context {key[3]}")
+    if len(key) > 2:
+        return name + f", context {key[2]}"
+    return name + (", dynamic length" if dynamic_lengths and key[0] == "prefill" else
+                   ", dynamic context" if dynamic_lengths else "")

@@ -1,8 +1,10 @@
-"""Self-attention over an explicit, statically shaped KV cache.
+"""Self-attention over an explicit, paged KV cache.
 
-The cache for one layer is a pair of tensors k/v of shape [slots, kv_heads, max_len, head_dim]
-owned by the caller (zoo.graphs.kv_cache). Each forward writes this call's keys/values in place at
-(slot, position) with `index_put_` — no Python ints from the data, so one graph serves all lengths.
+The cache for one layer is a pair of block pools k/v of shape [blocks, kv_heads, block_size,
+head_dim] owned by the caller (zoo.graphs.kv_cache). Each forward writes this call's keys/values in
+place at (block, offset) with `index_put_`, then attends over the row's blocks read back in
+position order. Block ids and positions are tensors — no Python ints from the data, so one graph
+serves all lengths and block layouts.
 """
 from dataclasses import dataclass
 
@@ -22,11 +24,12 @@ class AttentionMetadata:
 
     cos: torch.Tensor  # [B, S, hd] float32
     sin: torch.Tensor  # [B, S, hd] float32
-    # index_put_ indices that broadcast to [B, KV, S]: slot [B,1,1], head [1,KV,1], position [B,1,S]
+    # index_put_ indices that broadcast to [B, KV, S]: block [B,1,S], head [1,KV,1], offset [B,1,S]
     kv_write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    # the same for reading positions [0, T) back: block [B,1,T], head [1,KV,1], offset [1,1,T]
+    kv_read_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     mask: torch.Tensor  # [B, 1, S, T] bool, True = may attend
-    # decode: attend over cache slots [0, B); prefill: over this call's own keys (T == S)
-    attend_to_cache: bool
+    is_decode: bool  # one query per row
 
 
 class Attention(nn.Module):
@@ -64,9 +67,8 @@ class Attention(nn.Module):
 
         self.ops.write_kv(k_cache, meta.kv_write_index, k)
         self.ops.write_kv(v_cache, meta.kv_write_index, v)
-        if meta.attend_to_cache:
-            T = meta.mask.shape[-1]  # the positions attended (a context bucket, or the whole cache)
-            k, v = k_cache[:B, :, :T], v_cache[:B, :, :T]  # [B, KV, T, hd], a view: batch row i is slot i
+        # every position the rows attend to, this call's included: [B, KV, T, hd]
+        k, v = self.ops.read_kv(k_cache, meta.kv_read_index), self.ops.read_kv(v_cache, meta.kv_read_index)
 
-        out = self.ops.attention(q, k, v, meta.mask, is_decode=meta.attend_to_cache)  # [B, H, S, hd]
+        out = self.ops.attention(q, k, v, meta.mask, is_decode=meta.is_decode)  # [B, H, S, hd]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.q_size))

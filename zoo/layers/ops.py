@@ -1,10 +1,12 @@
-"""The two kernels whose best implementation differs per device: the in-place KV-cache write
-and attention. Layers call them through an `AttentionOps` object so a device backend (e.g.
+"""The kernels whose best implementation differs per device: the in-place KV-cache write, the
+read of a request's blocks from the paged cache, and attention. Layers call them through an `AttentionOps` object so a device backend (e.g.
 zoo.backends.npu) can swap in its fused kernels without touching the modeling code.
 
 Shapes (what every implementation receives and returns):
-  write_kv(cache [N, KV, T, hd], index (slot [B,1,1], head [1,KV,1], position [B,1,S]), value [B, KV, S, hd])
-      -> None, cache updated in place: cache[slot, head, position] = value
+  write_kv(cache [N, KV, bs, hd], index (block [B,1,S], head [1,KV,1], offset [B,1,S]), value [B, KV, S, hd])
+      -> None, cache updated in place: cache[block, head, offset] = value
+  read_kv(cache [N, KV, bs, hd], index (block [B,1,T], head [1,KV,1], offset [1,1,T])) -> [B, KV, T, hd]:
+      each row's positions [0, T) gathered from its blocks, as one contiguous sequence
   attention(q [B, H, S, hd], k [B, KV, T, hd], v [B, KV, T, hd], mask [B, 1, S, T] bool (True = attend),
             is_decode: bool) -> [B, H, S, hd]
 """
@@ -20,6 +22,11 @@ class AttentionOps:
 
     def write_kv(self, cache: torch.Tensor, index: tuple, value: torch.Tensor) -> None:
         cache.index_put_(index, value)
+
+    def read_kv(self, cache: torch.Tensor, index: tuple) -> torch.Tensor:
+        # A gather copy: on CPU the batched GEMVs of decode_attention over the copy measured faster
+        # than over a strided view of a contiguous cache (benches/results/paged_attention-*.md).
+        return cache[index]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                   is_decode: bool) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """Llama (2, 3, 3.1/3.2) hand-adapted for graph mode.
 
 Two entry points, each compiled into one static-shape graph per bucket:
-  prefill(input_ids [B, S], lengths [B], slot_ids [B], k_caches, v_caches) -> logits [B, V]
-  decode (input_ids [B, 1], positions [B],            k_caches, v_caches) -> logits [B, V]
-Lengths, positions and batch slots are tensors, never Python ints taken from data, so one graph
-serves every prompt length inside its bucket. The KV cache is one k and one v tensor per layer,
-shape [slots, KV, T, hd], passed in and updated in place. Decode row i always uses cache slot i.
+  prefill(input_ids [B, S], start_pos [B], lengths [B], block_tables [B, NB], k_caches, v_caches) -> logits [B, V]
+  decode (input_ids [B, 1], positions [B],              block_tables [B, NB], k_caches, v_caches) -> logits [B, V]
+Lengths, positions and block ids are tensors, never Python ints taken from data, so one graph
+serves every prompt length and block layout inside its bucket. The KV cache is a pool of blocks
+per layer, k and v of shape [blocks, KV, block_size, hd], passed in and updated in place; a row's
+block table lists its blocks in position order (zoo.graphs.kv_cache).
 
 Tensor parallelism: the layers take a TPContext (zoo.distributed.comm) and hold this rank's shard
 (zoo.layers.linear / embedding); this file does no rank arithmetic. KV is then this rank's kv heads.
@@ -119,51 +120,62 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., V] float32
         return self.lm_head(self.model.norm(h)).float()
 
-    def prefill(self, input_ids, lengths, slot_ids, k_caches, v_caches):
-        """Whole prompts from position 0. input_ids [B, S] right-padded; lengths [B] real lengths
-        (>= 1); slot_ids [B] cache slot each row's keys/values are written to -> logits of each
-        row's last real token [B, V]."""
-        h = self.prefill_hidden(input_ids, lengths, slot_ids, k_caches, v_caches)  # [B, S, D]
+    def prefill(self, input_ids, start_pos, lengths, block_tables, k_caches, v_caches,
+                context_len: int | None = None):
+        """Prompt tokens from position start_pos (0, or where a cached prefix / an earlier chunk
+        ends). input_ids [B, S] right-padded; start_pos [B]; lengths [B] real tokens per row (>= 1);
+        block_tables [B, NB] each row's cache blocks; context_len (static) the positions attended,
+        covering every row's start_pos + length (None: the whole table) -> logits of each row's
+        last real token [B, V]."""
+        h = self.prefill_hidden(input_ids, start_pos, lengths, block_tables, k_caches, v_caches, context_len)
         B = h.shape[0]
         h_last = h[torch.arange(B, device=h.device), lengths - 1]  # [B, D] last real token per row
         return self.compute_logits(h_last)
 
-    def prefill_hidden(self, input_ids, lengths, slot_ids, k_caches, v_caches):
+    def prefill_hidden(self, input_ids, start_pos, lengths, block_tables, k_caches, v_caches,
+                       context_len: int | None = None):
         """prefill's decoder stack: hidden states at every position [B, S, D] (before the final
         norm). Called alone (eagerly) for prompt logprobs."""
         input_ids = input_ids.clone()  # a fresh tensor keeps the FX graph input stable
         B, S = input_ids.shape
-        device = input_ids.device
-        positions = torch.arange(S, device=device).expand(B, S)  # [B, S]
-        cos, sin = self.rotary(positions, lengths)
-        # causal inside the prompt; keys past a row's length are padding
-        q_pos, k_pos = positions[:, :, None], positions[:, None, :]  # [B, S, 1], [B, 1, S]
-        mask = (k_pos <= q_pos) & (k_pos < lengths[:, None, None])  # [B, S, S]
-        heads = torch.arange(self.num_local_kv_heads, device=device)
-        meta = AttentionMetadata(
-            cos, sin,
-            kv_write_index=(slot_ids[:, None, None], heads[None, :, None], positions[:, None, :]),
-            mask=mask[:, None], attend_to_cache=False,
-        )
+        positions = start_pos[:, None] + torch.arange(S, device=input_ids.device)  # [B, S]
+        valid = torch.arange(S, device=input_ids.device)[None, :] < lengths[:, None]  # [B, S] not padding
+        cos, sin = self.rotary(positions, start_pos + lengths)
+        meta = self._attention_metadata(positions, valid, block_tables, k_caches[0], context_len, cos, sin,
+                                        is_decode=False)
         return self.model(input_ids, meta, k_caches, v_caches)  # [B, S, D]
 
-    def decode(self, input_ids, positions, k_caches, v_caches, context_len: int | None = None):
-        """One new token per slot. input_ids [B, 1]; positions [B] where each token goes (rows of
-        idle slots point at the cache's scratch column T-1, which no real row ever attends to).
-        context_len (static: one graph per value): attend over cache positions [0, context_len)
-        only, which must hold every real row's position; None = the whole cache."""
+    def decode(self, input_ids, positions, block_tables, k_caches, v_caches, context_len: int | None = None):
+        """One new token per row. input_ids [B, 1]; positions [B] where each token goes (idle rows
+        point at the cache's scratch column, which no row ever attends to); block_tables [B, NB].
+        context_len (static: one graph per value): attend over positions [0, context_len) only,
+        which must hold every real row's position; None = the whole table."""
         input_ids = input_ids.clone()
-        B = input_ids.shape[0]
-        device = input_ids.device
-        T = context_len or k_caches[0].shape[2]  # attended positions
         pos = positions[:, None]  # [B, 1]
         cos, sin = self.rotary(pos, positions + 1)
-        mask = torch.arange(T, device=device)[None, :] <= pos  # [B, T]
-        heads = torch.arange(self.num_local_kv_heads, device=device)
-        meta = AttentionMetadata(
-            cos, sin,
-            kv_write_index=(torch.arange(B, device=device)[:, None, None], heads[None, :, None], pos[:, None, :]),
-            mask=mask[:, None, None, :], attend_to_cache=True,
-        )
+        meta = self._attention_metadata(pos, torch.ones_like(pos, dtype=torch.bool), block_tables, k_caches[0],
+                                        context_len, cos, sin, is_decode=True)
         h = self.model(input_ids, meta, k_caches, v_caches)  # [B, 1, D]
         return self.compute_logits(h[:, 0])
+
+    def _attention_metadata(self, positions, valid, block_tables, cache, context_len, cos, sin,
+                            is_decode: bool) -> AttentionMetadata:
+        """Where the rows' keys/values go in the paged cache and what each query attends to.
+        positions [B, S]; valid [B, S] (False: padding, written to the scratch block);
+        block_tables [B, NB]; cache one layer's pool [blocks, KV, bs, hd] (its last block is scratch)."""
+        device = positions.device
+        bs, scratch = cache.shape[2], cache.shape[0] - 1
+        columns = (positions // bs).clamp(max=block_tables.shape[1] - 1)  # [B, S] (padding may run past)
+        blocks = torch.where(valid, block_tables.gather(1, columns), scratch)  # [B, S]
+        heads = torch.arange(self.num_local_kv_heads, device=device)
+        T = context_len or (block_tables.shape[1] - 1) * bs  # the last column is scratch: never attended
+        k_pos = torch.arange(T, device=device)  # [T]
+        read_blocks = block_tables.index_select(1, k_pos // bs)  # [B, T] the block of each attended position
+        mask = k_pos[None, None, :] <= positions[:, :, None]  # [B, S, T] causal; includes any cached prefix
+        return AttentionMetadata(
+            cos, sin,
+            kv_write_index=(blocks[:, None, :], heads[None, :, None], (positions % bs)[:, None, :]),
+            # (its own head index: inputs of a nested compile region may not alias one another)
+            kv_read_index=(read_blocks[:, None, :], heads.clone()[None, :, None], (k_pos % bs)[None, None, :]),
+            mask=mask[:, None], is_decode=is_decode,
+        )
