@@ -62,15 +62,19 @@ def _write(path, text):
         f.write(text)
 
 
-def _greedy(prefill, decode, k, v):
-    """Prompt into slot 0, then greedy decode: (tokens, logits of every step [NEW_TOKENS, V])."""
+def _greedy(prefill, decode, cache):
+    """Prompt into slot 0 (its blocks taken first: block 0 on), then greedy decode: (tokens,
+    logits of every step [NEW_TOKENS, V])."""
+    slot = cache.alloc(0)
+    assert cache.reserve(slot, len(PROMPT) + NEW_TOKENS)
+    tables, k, v = cache.block_tables[slot:slot + 1], cache.k, cache.v
     ids = torch.zeros(1, 32, dtype=torch.long)
     ids[0, : len(PROMPT)] = torch.tensor(PROMPT)
-    logits = [prefill(ids, torch.tensor([len(PROMPT)]), torch.tensor([0]), k, v)]
+    logits = [prefill(ids, torch.tensor([0]), torch.tensor([len(PROMPT)]), tables, k, v)]
     tokens = [int(logits[-1].argmax(-1))]
     for step in range(NEW_TOKENS - 1):
         position = torch.tensor([len(PROMPT) + step])
-        logits.append(decode(torch.tensor([[tokens[-1]]]), position, k, v))
+        logits.append(decode(torch.tensor([[tokens[-1]]]), position, tables, k, v))
         tokens.append(int(logits[-1].argmax(-1)))
     return tokens, torch.cat(logits)
 
@@ -86,16 +90,17 @@ def test_exported_graphs_match_eager_and_write_the_cache_in_place(exported):
     assert graphs.batch_sizes == (1,) and graphs.prefill_lens == (32,)
     k_ptrs = [t.data_ptr() for t in cache.k + cache.v]
     with torch.no_grad():
-        tokens, logits = _greedy(graphs.prefill, graphs.decode, cache.k, cache.v)
+        tokens, logits = _greedy(graphs.prefill, graphs.decode, cache)
         # eager reference: the same module, its own zeroed cache of the same geometry
         ref_cache = KVCache(len(cache.k), cache.num_slots, cache.k[0].shape[1], cache.max_seq_len,
-                            cache.k[0].shape[3], torch.float32, torch.device("cpu"))
-        ref_tokens, ref_logits = _greedy(module.prefill, module.decode, ref_cache.k, ref_cache.v)
+                            cache.k[0].shape[3], torch.float32, torch.device("cpu"), block_size=cache.block_size,
+                            num_tokens=cache.num_tokens)
+        ref_tokens, ref_logits = _greedy(module.prefill, module.decode, ref_cache)
 
     assert tokens == ref_tokens
     assert (logits - ref_logits).abs().max().item() <= 1e-4
     # The graphs wrote the caller's cache tensors in place: same storage, same contents as eager
-    # (positions [0, prompt + 15) of slot 0; everything else still zero).
+    # (positions [0, prompt + 15) of slot 0, in block 0; everything else still zero).
     assert [t.data_ptr() for t in cache.k + cache.v] == k_ptrs
     for got, want in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
         assert torch.equal(got != 0, want != 0)
@@ -116,7 +121,7 @@ def test_weights_come_from_the_module_not_from_the_packages(exported):
     # The packages hold code only: far smaller than the weights, and no weight bytes inside.
     manifest = _read_json(os.path.join(out, "manifest.json"))
     files = [g["file"] for kind in ("prefill", "decode") for g in manifest["graphs"][kind]]
-    assert sorted(files) == ["decode_b1.pt2", "prefill_b1_s32.pt2"]
+    assert sorted(files) == ["decode_b1.pt2", "prefill_b1_s32.pt2"]  # (no context buckets: the whole table)
     probe = head[12345, :16].detach().numpy().tobytes()  # 64 bytes of random fp32 weights
     for file in files:
         package = os.path.join(out, file)
@@ -128,11 +133,12 @@ def test_weights_come_from_the_module_not_from_the_packages(exported):
     # LM head shows up in the exported decode graph's output.
     graphs = ExportedGraphs.load(out, module, cache)
     ids, scratch = torch.tensor([[5]]), torch.tensor([cache.scratch_position])  # writes only scratch space
+    tables = cache.scratch_tables(1)
     with torch.no_grad():
-        before = graphs.decode(ids, scratch, cache.k, cache.v).clone()
+        before = graphs.decode(ids, scratch, tables, cache.k, cache.v).clone()
         head.mul_(2)
         try:
-            after = graphs.decode(ids, scratch, cache.k, cache.v)
+            after = graphs.decode(ids, scratch, tables, cache.k, cache.v)
         finally:
             head.div_(2)
     assert torch.allclose(after, 2 * before, rtol=1e-6, atol=0)
@@ -176,13 +182,16 @@ def test_shape_outside_the_exported_buckets_is_refused(exported):
     model = _load(path)
     cache = model.engine.cache
     graphs = ExportedGraphs.load(out, model.module, cache)
-    one = torch.ones(1, dtype=torch.long)
+    one, zero, tables = torch.ones(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), cache.scratch_tables(1)
     with pytest.raises(ValueError, match=r"prefill .* shape \[1, 16\].*batch sizes \[1\] x prompt lengths \[32\]"):
-        graphs.prefill(torch.zeros(1, 16, dtype=torch.long), one, one, cache.k, cache.v)
+        graphs.prefill(torch.zeros(1, 16, dtype=torch.long), zero, one, tables, cache.k, cache.v)
     with pytest.raises(ValueError, match=r"decode graph for input_ids of shape \[2, 1\].*batch sizes \[1\]"):
-        graphs.decode(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long), cache.k, cache.v)
+        graphs.decode(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long), cache.scratch_tables(2),
+                      cache.k, cache.v)
     with pytest.raises(ValueError, match="positions must be a contiguous int64"):
-        graphs.decode(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.int32), cache.k, cache.v)
+        graphs.decode(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.int32), tables, cache.k, cache.v)
+    with pytest.raises(ValueError, match="block_tables must be a contiguous int64 tensor of shape"):
+        graphs.decode(torch.zeros(1, 1, dtype=torch.long), zero, tables[:, :1], cache.k, cache.v)
 
 
 def test_cli_reports_a_bad_model_path(tmp_path, capsys):

@@ -37,7 +37,10 @@ def _logits_and_tokens(model) -> tuple[torch.Tensor, list[list[int]]]:
     """Logits of a prefill of PROMPTS and STEPS greedy decode steps (driven through the runner),
     then greedy tokens from generate()."""
     runner, n = model.engine.runner, len(PROMPTS)
-    logits = [runner.prefill(PROMPTS, list(range(n))).clone()]
+    slots = [runner.cache.alloc() for _ in PROMPTS]
+    for slot, prompt in zip(slots, PROMPTS):
+        assert runner.cache.reserve(slot, len(prompt) + STEPS)  # blocks for the positions decode writes
+    logits = [runner.prefill(PROMPTS, slots).clone()]
     B = runner.buckets.batch_for(n)
     pos = torch.tensor([len(p) for p in PROMPTS])
     for _ in range(STEPS):
@@ -47,6 +50,8 @@ def _logits_and_tokens(model) -> tuple[torch.Tensor, list[list[int]]]:
         positions[:n] = pos
         logits.append(runner.decode(ids, positions)[:n].clone())
         pos += 1
+    for slot in slots:
+        runner.cache.free(slot)
     tokens = [r.token_ids for r in model.generate(PROMPTS, max_new_tokens=NEW_TOKENS)]
     return torch.stack(logits), tokens
 
