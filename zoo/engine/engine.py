@@ -1,9 +1,12 @@
-"""The generation engine: slot-based continuous batching over the static KV cache.
+"""The generation engine: continuous batching over the paged KV cache.
 
-Each request waits in a queue, is prefilled into a free cache slot, then decodes one token per
-step together with every other running request (decode batch row i = cache slot i). It leaves at
-its own EOS / stop token / stop string / max_new_tokens / context end, and its slot is handed to
-the next waiting request between steps — the graphs never change shape outside their buckets.
+Each request waits in a queue, is prefilled into a free batch slot's KV blocks (reusing the cached
+blocks of its prompt's prefix, in chunks when the prompt is long), then decodes one token per
+step together with every other running request (decode batch row i = slot i), taking a new
+block whenever it crosses into one; when the pool is out of blocks the newest request is
+preempted and later re-prefilled. It leaves at its own EOS / stop token / stop string /
+max_new_tokens / context end, and its slot and blocks go to the next waiting request between
+steps — the graphs never change shape outside their buckets.
 
 Per step the only host<->device traffic is reading the B sampled token ids (for stop checks and
 streaming). Token ids, positions and sampling parameters of running slots stay on the device.
