@@ -236,3 +236,18 @@ def test_compiled_paged_serving_mix_has_no_recompiles_and_matches_transformers(p
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert eng.preemptions > 0 and eng.cache.pool.hit_tokens > 0
     assert [o.token_ids for o in outs] == [reference(p, 16) for p in prompts]
+
+
+def test_a_failed_prefill_frees_the_slots_of_its_n_samples(path):
+    """The n samples of a prompt share one prefill row; when that prefill raises, every sample
+    fails with the error and no slot or block stays taken."""
+    model = _load(path)
+    eng = model.engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected prefill failure")
+    eng.runner._prefill = broken
+    with pytest.raises(RuntimeError, match="injected prefill failure"):
+        model.generate(_prompt(12, seed=700), n=3, max_new_tokens=4, temperature=1.0, seed=1)
+    assert eng.cache.num_free() == 4 and eng.cache.free_blocks == eng.cache.num_blocks
+    assert not eng.running and not eng.prefilling and not eng.waiting

@@ -176,7 +176,9 @@ class Engine:
                 if not self._can_take(1):
                     break
                 self.waiting.remove(req)
-                twin.followers.append((req, self.cache.alloc()))
+                slot = self.cache.alloc()
+                req.slot, self.prefilling[slot] = slot, req  # (so a failed prefill frees its slot too)
+                twin.followers.append((req, slot))
                 continue
             if any(r.req.prefill_ids == ids for r in rows):
                 break  # the same prompt is still being prefilled: then its blocks are cached
@@ -224,7 +226,6 @@ class Engine:
             self.cache.free(slot)
             raise
         req.prompt_logprobs = req.prefilled.prompt_logprobs
-        req.slot = slot
         self._set_sampling([req], [slot])
         self._start([req], [slot], [req.prefilled.first_token], [req.prefilled.first_logprob])
 
@@ -240,11 +241,10 @@ class Engine:
             self.cache.cache_prefix(r.slot, r.req.prefill_ids, r.end)
             if r.end < len(r.req.prefill_ids):
                 continue
-            del self.prefilling[r.slot]
             done.append((i, r.req, r.slot))
             for follower, slot in r.followers:
                 self.cache.copy_slot(r.slot, slot, r.end)  # blocks checked by _can_take
-                follower.slot, follower.computed = slot, r.end
+                follower.computed = r.end
                 self._set_sampling([follower], [slot])
                 done.append((i, follower, slot))
         if not done:
@@ -339,6 +339,7 @@ class Engine:
         self.active[idx] = 1
         for req, slot, token, logprob in zip(group, slots, next_tokens, next_logprobs):
             req.slot = slot
+            self.prefilling.pop(slot, None)  # (until here a failure frees the slot through prefilling)
             self.running[slot] = req
             self._append_token(req, token, logprob)
 
@@ -414,18 +415,21 @@ class Engine:
                     break
 
     def _preempt(self, req: Request) -> None:
-        self.running.pop(req.slot, None)
-        self.prefilling.pop(req.slot, None)
-        self._release_slot(req.slot)
+        self._leave_slot(req)
         req.slot, req.computed = None, 0
         req.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(req)
 
-    def _release_slot(self, slot: int) -> None:
-        self.active[slot] = 0
-        self.positions[slot] = self.cache.scratch_position
-        self.cache.free(slot)
+    def _leave_slot(self, req: Request) -> None:
+        """The request stops running / being prefilled; its slot and blocks are free again."""
+        if req.slot is None or (self.running.get(req.slot) is not req and self.prefilling.get(req.slot) is not req):
+            return
+        self.running.pop(req.slot, None)
+        self.prefilling.pop(req.slot, None)
+        self.active[req.slot] = 0
+        self.positions[req.slot] = self.cache.scratch_position
+        self.cache.free(req.slot)
 
     def _decode_step(self) -> None:
         self._grow_or_preempt()
@@ -522,10 +526,7 @@ class Engine:
             req.events[-1].finish_reason = reason
         else:
             req.events.append(StreamEvent(req.index, "", [], reason))
-        if req.slot is not None and (self.running.get(req.slot) is req or self.prefilling.get(req.slot) is req):
-            self.running.pop(req.slot, None)
-            self.prefilling.pop(req.slot, None)
-            self._release_slot(req.slot)
+        self._leave_slot(req)
 
     def abort(self, requests: list[Request], reason: str = "aborted") -> None:
         """Drop unfinished requests (a stream whose reader went away); frees their slots."""
