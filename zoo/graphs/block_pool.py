@@ -39,10 +39,6 @@ class BlockPool:
     def num_available(self) -> int:
         return len(self._free) + len(self._unreferenced)
 
-    @property
-    def num_cached(self) -> int:
-        return len(self._key_of)
-
     def allocate(self) -> int:
         """A block for new KV, referenced once: a free one, else the least recently released
         cached one (its entry is dropped)."""

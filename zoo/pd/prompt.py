@@ -74,9 +74,7 @@ class PromptServer:
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self.fingerprint = model_fingerprint(model)
-        cache = model.kv_cache
-        # bytes of KV per prompt token: k and v, every layer, [KV, hd] each
-        self.bytes_per_token = 2 * len(cache.k) * cache.k[0].shape[1] * cache.k[0].shape[3] * cache.k[0].element_size()
+        self.bytes_per_token = model.kv_cache.bytes_per_token  # k and v, every layer, [KV, hd] each
         self.bytes_sent = 0
 
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=64)
