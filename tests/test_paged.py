@@ -190,14 +190,20 @@ def test_n_samples_share_prompt_blocks(path):
         assert out.token_ids == model.generate(prompt, max_new_tokens=12, temperature=1.0, seed=3 + j).token_ids
 
 
-def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(path, reference):
+@pytest.mark.parametrize("mix", [True, False], ids=["chunks-ride-with-decode", "chunks-take-turns"])
+def test_long_prompt_is_prefilled_in_chunks_while_another_streams(path, reference, mix):
     """With a 16-token prefill cap, a 50-token prompt runs as 4 chunks while another request
-    streams: a decode step of the running one follows every chunk; both get transformers' tokens."""
+    streams. Its first chunk is a prefill call; each later one runs in one forward with the running
+    request's decode step (prefill_and_decode) or, where the runner cannot mix, as a call of its
+    own followed by a decode step. Both get transformers' tokens."""
     model = _load(path, buckets=dict(prefill_tokens=16, length_multiple=8))
     eng, calls = model.engine, []
-    real_prefill, real_decode = eng.runner._prefill, eng.runner._decode
-    eng.runner._prefill = lambda ids, *a, **k: calls.append(("prefill", ids.shape[1])) or real_prefill(ids, *a, **k)
-    eng.runner._decode = lambda ids, *a, **k: calls.append("decode") or real_decode(ids, *a, **k)
+    runner = eng.runner
+    real_prefill, real_decode, real_mixed = runner._prefill, runner._decode, runner._mixed
+    runner._prefill = lambda ids, *a, **k: calls.append(("prefill", ids.shape[1])) or real_prefill(ids, *a, **k)
+    runner._decode = lambda ids, *a, **k: calls.append("decode") or real_decode(ids, *a, **k)
+    runner._mixed = (lambda ids, *a, **k: calls.append(("mixed", ids.shape[1])) or real_mixed(ids, *a, **k)) if mix \
+        else None
     short, long = _prompt(5, seed=500), _prompt(50, seed=501)
     running = eng.make_request(0, short, SamplingParams(max_new_tokens=20))
     eng.submit([running])
@@ -207,9 +213,46 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(path, reference
     eng.submit([arriving])
     _drain(eng, [running, arriving])
     chunks = [i for i, c in enumerate(calls) if c != "decode"][1:]  # the long prompt's calls
-    assert [calls[i] for i in chunks] == [("prefill", 16)] * 3 + [("prefill", 8)]
-    assert all(calls[i + 1] == "decode" for i in chunks)
+    if mix:
+        assert [calls[i] for i in chunks] == [("prefill", 16)] + [("mixed", 16)] * 2 + [("mixed", 8)]
+        assert calls[chunks[0] + 1:chunks[-1] + 1] == [("mixed", 16)] * 2 + [("mixed", 8)]  # no decode apart
+    else:
+        assert [calls[i] for i in chunks] == [("prefill", 16)] * 3 + [("prefill", 8)]
+        assert all(calls[i + 1] == "decode" for i in chunks)
     assert running.output_ids == reference(short, 20) and arriving.output_ids == reference(long, 5)
+
+
+def test_a_failed_chunk_and_decode_step_fails_both_and_frees_their_blocks(path, reference):
+    model = _load(path, buckets=dict(prefill_tokens=16, length_multiple=8))
+    eng = model.engine
+    running = eng.make_request(0, _prompt(5, seed=510), SamplingParams(max_new_tokens=30))
+    eng.submit([running])
+    eng.step()
+    eng.submit([eng.make_request(1, _prompt(50, seed=511), SamplingParams(max_new_tokens=5))])
+    eng.step()  # the running request's decode turn
+    eng.step()  # the long prompt's first chunk
+    assert eng.prefilling
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+    eng.runner._mixed = broken
+    eng.step()
+    assert running.finished and running.error == "RuntimeError: injected failure"
+    assert not eng.running and not eng.prefilling
+    assert eng.cache.num_free() == 4 and eng.cache.free_blocks == eng.cache.num_blocks
+    prompt = _prompt(5, seed=510)
+    assert model.generate(prompt, max_new_tokens=8).token_ids == reference(prompt, 8)  # the engine still serves
+
+
+def test_prefill_tokens_sets_the_chunk_size(path, reference):
+    model = zoo.load(path, max_seq_len=MAX_SEQ, dtype="float32", prefill_tokens=40)
+    assert model.buckets.prefill_tokens == 40 and model.buckets.chunk_tokens == 32  # (a multiple of 32)
+    prompt = _prompt(40, seed=520)
+    assert model.generate(prompt, max_new_tokens=6).token_ids == reference(prompt, 6)
+    with pytest.raises(ValueError, match="prefill_tokens must be an int >= 1"):
+        zoo.load(path, prefill_tokens=0)
+    with pytest.raises(ValueError, match="prefill_tokens cannot change the graphs exported"):
+        zoo.load(path, compiled="/nonexistent-export", prefill_tokens=64)
 
 
 def test_kv_cache_tokens_must_hold_one_sequence(path):
@@ -236,6 +279,25 @@ def test_compiled_paged_serving_mix_has_no_recompiles_and_matches_transformers(p
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert eng.preemptions > 0 and eng.cache.pool.hit_tokens > 0
     assert [o.token_ids for o in outs] == [reference(p, 16) for p in prompts]
+
+
+def test_compiled_chunks_ride_with_decode_steps_without_recompiles(path, reference):
+    """The prefill-and-decode graph: a long prompt's later chunks run with the decode step of a
+    request admitted with it, across chunk lengths and contexts, after warm-up and with no
+    recompile; greedy tokens are transformers'."""
+    model = _load(path, compiled=True, max_batch_size=2,
+                  buckets=dict(batch_sizes=[1, 2], prefill_tokens=16, length_multiple=8))
+    model.warmup()
+    eng, mixed_calls = model.engine, []
+    real_mixed = eng.runner._mixed
+    eng.runner._mixed = lambda ids, *a, **k: mixed_calls.append(ids.shape[1]) or real_mixed(ids, *a, **k)
+    prompts = [_prompt(4, seed=610), _prompt(45, seed=611)]
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        outs = model.generate(prompts, max_new_tokens=12)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert mixed_calls == [16, 16]  # positions [16, 32) and [32, 45) (13 tokens, padded to 16)
+    assert [o.token_ids for o in outs] == [reference(p, 12) for p in prompts]
 
 
 def test_a_failed_prefill_frees_the_slots_of_its_n_samples(path):

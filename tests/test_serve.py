@@ -484,10 +484,13 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
         lines = r.iter_lines()
         first = [next(lines) for _ in range(4)]  # two chunks (each followed by a blank line)
         assert first[0].startswith("data: ")
-        assert metrics(server)["zoo_num_requests_running"] == 1
-    # closed after ~2 of 500 tokens: the server aborts it and frees its slot
+        m = metrics(server)
+        assert m["zoo_num_requests_running"] == 1 and m["zoo_kv_cache_blocks"] > 0
+        assert 0 < m["zoo_kv_cache_usage_ratio"] <= 1  # the blocks its prompt and tokens hold
+    # closed after ~2 of 500 tokens: the server aborts it and frees its slot and blocks
     wait_for(lambda: _idle(server), what="the aborted request to leave its slot")
     m = metrics(server)
+    assert m["zoo_kv_cache_usage_ratio"] == 0
     assert m['zoo_requests_total{finish_reason="aborted"}'] == aborted + 1
     assert httpx.get(f"{server}/health", timeout=10).json()["running"] == 0
 

@@ -139,6 +139,8 @@ def _plan(settings: LoadSettings, config: ModelConfig, spec: ModelSpec) -> _Plan
     if settings.compiled is True and compile_config.backend == "inductor":
         check_inductor_overrides(settings.inductor_options)  # before anything loads
     buckets = buckets or compile_config.buckets(max_batch_size, max_seq_len)
+    if settings.prefill_tokens is not None:  # (not with an export: LoadSettings.validated)
+        buckets = dataclasses.replace(buckets, prefill_tokens=settings.prefill_tokens)
     buckets.validate(max_batch_size, max_seq_len)
     return _Plan(device, dtype, max_batch_size, max_seq_len, buckets, compile_config, kv_cache_tokens,
                  kv_block_size or compile_config.kv_block_size)

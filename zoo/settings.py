@@ -60,6 +60,13 @@ class LoadSettings:
         "--kv-cache-tokens", type=int, metavar="N",
         help="KV-cache pool size in tokens, shared by all running requests in blocks (default: max_batch_size x "
              "max_seq_len, at most half the free memory)"))
+    prefill_tokens: int | None = field(default=None, metadata=_cli(
+        "--prefill-tokens", type=int, metavar="N",
+        help="most prompt tokens one prefill call computes (batch x padded length; default: the compile config's, "
+             "2048 on cpu). A longer prompt is prefilled in chunks of up to N tokens (with dynamic lengths a multiple of "
+             "their length_multiple, 32 on cpu), each in one forward with the "
+             "decode step of the running requests (dynamic-length graphs), so a long prompt does not stall them; "
+             "smaller N keeps their time per token steadier and makes the long prompt's first token later"))
     max_seq_len: int | None = field(default=None, metadata=_cli(
         "--max-seq-len", type=int, help="tokens per request, prompt + completion (default: "
                                         "min(max_position_embeddings, 2048))"))
@@ -117,7 +124,7 @@ class LoadSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
-        for name in ("max_batch_size", "threads", "kv_cache_tokens"):
+        for name in ("max_batch_size", "threads", "kv_cache_tokens", "prefill_tokens"):
             positive_int(name)
         if self.max_seq_len is not None and (isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int)
                                              or self.max_seq_len < 2):
@@ -142,6 +149,9 @@ class LoadSettings:
                              "must run the same graphs at each step")
         if self.tp_size > 1 and self.exported:
             raise ValueError("tensor parallelism (tp > 1) does not run AOTInductor exports (compiled=DIR)")
+        if self.prefill_tokens is not None and self.exported:
+            raise ValueError(f"prefill_tokens cannot change the graphs exported to {self.compiled!r} (their prefill "
+                             "shapes are fixed); set it in the compile config's [buckets] when exporting")
         if self.tp_timeout_s is not None and not self.tp_timeout_s > 0:
             raise ValueError(f"tp_timeout_s must be > 0, got {self.tp_timeout_s!r}")
         if self.model_path is not None and not isinstance(self.model_path, (str, os.PathLike)):

@@ -110,23 +110,27 @@ class Engine:
         decode); the running requests decode on the next step, at the same total cost. Steps
         take turns: after a prefill, the next step decodes (when anything runs), so requests
         arriving one after another, or a queue admitted a group at a time, never stall the
-        running streams for more than one prefill call.
+        running streams for more than one prefill call. While a long prompt is prefilled in
+        chunks and others run, each step runs its next chunk and their decode in one forward
+        where the runner can (runner.can_mix), so its prefill does not stall them at all; new
+        requests are admitted after its last chunk.
 
         An exception inside a prefill fails that prefill's requests, one inside a decode the
         running requests (they share the step); every other request goes on and the engine stays
         usable. The step does not raise: the error is in the failed requests' results (and
         failed_steps counts such steps)."""
         with self.lock:
+            if self.running and self.prefilling and self.runner.can_mix:
+                self._prefilled_last_step = False
+                self._chunk_and_decode_step()
+                return
             decode_turn = self._prefilled_last_step and bool(self.running)
             self._prefilled_last_step = False
             if not decode_turn and self._admit():
                 self._prefilled_last_step = True
                 return
             if self.running:
-                try:
-                    self._decode_step()
-                except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
-                    self._fail_requests(list(self.running.values()), e, "decode")
+                self._guarded(list(self.running.values()), "decode", self._decode_step)
 
     def _admit(self) -> bool:
         """Requests prefilled elsewhere are merged into free slots; then one prefill call runs: the
@@ -138,17 +142,11 @@ class Engine:
             if req is None or not self._can_take(self.cache.blocks_for(len(req.prompt_ids) + 1)):
                 break
             self.waiting.remove(req)
-            try:
-                self._merge(req)
-            except Exception as e:  # noqa: BLE001 - reported through the request it concerns
-                self._fail_requests([req], e, "KV import")
+            self._guarded([req], "KV import", self._merge, req)
         rows = self._prefill_group()
         if not rows:
             return False
-        try:
-            self._prefill(rows)
-        except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
-            self._fail_requests([r.req for r in rows] + [f for r in rows for f, _ in r.followers], e, "prefill")
+        self._guarded([r.req for r in rows] + [f for r in rows for f, _ in r.followers], "prefill", self._prefill, rows)
         return True
 
     def _can_take(self, blocks: int) -> bool:
@@ -230,11 +228,15 @@ class Engine:
         self._start([req], [slot], [req.prefilled.first_token], [req.prefilled.first_logprob])
 
     def _prefill(self, rows: list[_PrefillRow]) -> None:
-        """Run one prefill call over the rows' chunks; the rows whose prefill is complete sample
-        their next token (with their followers: each its own, from the same logits) and start
-        decoding, the others wait for their next chunk."""
+        """Run one prefill call over the rows' chunks (see _prefill_done)."""
         logits = self.runner.prefill([r.req.prefill_ids[:r.end] for r in rows], [r.slot for r in rows],
                                      [r.start for r in rows])  # [n, V]
+        self._prefill_done(rows, logits)
+
+    def _prefill_done(self, rows: list[_PrefillRow], logits: torch.Tensor) -> None:
+        """After a prefill call (logits [n, V], one per row): the rows whose prefill is complete
+        sample their next token (with their followers: each its own, from the same logits) and
+        start decoding, the others wait for their next chunk."""
         done = []
         for i, r in enumerate(rows):
             r.req.computed = r.end
@@ -255,6 +257,36 @@ class Engine:
         tokens, logprobs = self._sample(logits, torch.tensor(slots, device=logits.device), group)
         host_tokens = tokens.tolist()
         self._start(group, slots, host_tokens, self._logprobs_to_host(logprobs, host_tokens, group))
+
+    def _chunk_and_decode_step(self) -> None:
+        """The next chunk of the oldest prompt being prefilled in chunks and a decode step of the
+        running requests, in one forward (runner.prefill_and_decode). A failure of the forward
+        fails both."""
+        self._grow_or_preempt()  # (may preempt the prompt being prefilled, or running requests)
+        if not self.running:
+            return  # the next step goes on with the prompt
+        if not self.prefilling:  # preempted to make room
+            self._guarded(list(self.running.values()), "decode", self._decode_step)
+            return
+        slot, req = min(self.prefilling.items(), key=lambda item: item[1].t_submit)
+        row = _PrefillRow(req, slot, req.computed,
+                          min(len(req.prefill_ids), req.computed + self.runner.buckets.chunk_tokens))
+        B, context = self._decode_shape()
+        running = list(self.running.values())
+        out = self._guarded(running + [req], "prefill and decode", self.runner.prefill_and_decode,
+                            req.prefill_ids[:row.end], slot, row.start, self.tokens[:B], self.positions[:B], context)
+        if out is not None:
+            prefill_logits, logits = out
+            self._guarded(running, "decode", self._decode_done, logits, B)
+            self._guarded([req], "prefill", self._prefill_done, [row], prefill_logits[None])
+
+    def _guarded(self, requests: list[Request], where: str, fn, *args):
+        """fn(*args), or None when it raised: then these requests fail with its error."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported through the requests it concerns
+            self._fail_requests(requests, e, where)
+            return None
 
     def _prompt_logprobs(self, group: list[Request]) -> None:
         """Logprobs of the prompt tokens, for the requests that asked (SamplingParams.prompt_logprobs);
@@ -435,10 +467,17 @@ class Engine:
         self._grow_or_preempt()
         if not self.running:
             return
+        B, context = self._decode_shape()
+        self._decode_done(self.runner.decode(self.tokens[:B], self.positions[:B], context), B)
+
+    def _decode_shape(self) -> tuple[int, int]:
+        """The decode batch bucket (row i = slot i) and the longest running sequence, counting the
+        token fed now (host bookkeeping: no sync)."""
         B = self.runner.buckets.batch_for(max(self.running) + 1)
-        # the longest running sequence, counting the token fed now (host bookkeeping: no sync)
-        context = max(len(r.prompt_ids) + len(r.output_ids) for r in self.running.values())
-        logits = self.runner.decode(self.tokens[:B], self.positions[:B], context)  # [B, V]
+        return B, max(len(r.prompt_ids) + len(r.output_ids) for r in self.running.values())
+
+    def _decode_done(self, logits: torch.Tensor, B: int) -> None:
+        """After a decode step (logits [B, V]): sample each running row's next token and advance it."""
         rows = torch.arange(B, device=logits.device)
         reqs = [self.running.get(i) for i in range(B)]
         next_tokens, logprobs = self._sample(logits, rows, reqs)

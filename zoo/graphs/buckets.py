@@ -13,7 +13,9 @@ static graph of the same length costs (benches/results/dynamic_lengths-*.md) and
 `prefill_tokens` caps the padded tokens (batch bucket x length) of one prefill call: larger groups
 of prompts are split, and with static lengths the (batch, length) graphs past the cap are never
 built. A prompt longer than one call takes (`chunk_tokens`) is prefilled in chunks, one per engine
-step, with decode steps of the running requests in between (chunked prefill).
+step (chunked prefill). With dynamic lengths each chunk runs in one forward with the decode step of
+the running requests (a prefill-and-decode graph per batch bucket), so the weights are read once
+for both; with static lengths the chunks and the decode steps take turns.
 
 A prefill also attends over what its rows already hold in the KV cache (a cached prefix, earlier
 chunks): with static lengths its graph is one per (batch, length, context bucket), the context
@@ -112,6 +114,12 @@ class Buckets:
         if self.dynamic_lengths or not self.context_lens:
             return [(B, None) for B in self.batch_sizes]
         return [(B, L) for B in self.batch_sizes for L in self.context_lens]
+
+    def mixed_graphs(self) -> list[int]:
+        """The decode batch of every prefill-and-decode graph (a prompt chunk riding with a decode
+        step): one per batch bucket with dynamic lengths when prompts run in chunks, else none
+        (with static lengths the chunks run as prefill calls of their own)."""
+        return list(self.batch_sizes) if self.dynamic_lengths and self.chunk_tokens < self.max_len else []
 
     @property
     def num_graphs(self) -> int:

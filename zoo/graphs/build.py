@@ -37,7 +37,8 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
         return GraphRunner(graphs.prefill, graphs.decode, cache, buckets, compiled=False,
                            description=f"AOTInductor graphs from {compiled}", module=module)
     if not compiled:
-        return GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False, module=module)
+        return GraphRunner(module.prefill, module.decode, cache, buckets, compiled=False, module=module,
+                           mixed_fn=module.prefill_and_decode)
 
     backend = compile_config.backend
     if (backend == "torchair") != (device.type == "npu"):
@@ -74,6 +75,7 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
                                   tuple(cache.k[0].shape), device)
         graph_cache = GraphCache(cache_dir, fields)
     _allow_one_graph_per_bucket(buckets)
+    mixed = None  # a prefill-and-decode graph: dynamic lengths only (Buckets.mixed_graphs)
     if backend == "torchair" and graph_cache is not None:
         # torchair.inference.cache_compile keeps its own files, inside zoo's keyed directory
         prefill, decode = npu.cache_compiled_methods(module, options, os.path.join(graph_cache.dir, "torchair"))
@@ -82,18 +84,19 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
         prefill, decode = (torch.compile(fn, fullgraph=True, dynamic=False, backend=compiler)
                            for fn in (module.prefill, module.decode))
     elif buckets.dynamic_lengths:
-        prefill, decode = _dynamic_length_graphs(module, options, buckets)
+        prefill, decode, mixed = _dynamic_length_graphs(module, options, buckets)
     else:
         # fullgraph: a graph break is an error, so no host sync can hide inside; static shapes:
         # one graph per bucket
         prefill, decode = (torch.compile(fn, fullgraph=True, dynamic=False, options=options)
                            for fn in (module.prefill, module.decode))
-    return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache, module=module)
+    return GraphRunner(prefill, decode, cache, buckets, True, description, graph_cache, module=module,
+                       mixed_fn=mixed)
 
 
 def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buckets):
-    """prefill / decode with the signatures of the module's, compiled with dynamic dimensions: the
-    prompt length (input_ids' dim 1) and the context attended (prefill and decode). Everything
+    """prefill / decode / prefill_and_decode with the signatures of the module's, compiled with
+    dynamic dimensions: the prompt length (input_ids' dim 1) and the contexts attended. Everything
     else stays static."""
     lo, hi = buckets.length_multiple, buckets.max_len
 
@@ -105,8 +108,14 @@ def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buck
     def decode_over(input_ids, positions, block_tables, k_caches, v_caches, span):
         return module.decode(input_ids, positions, block_tables, k_caches, v_caches, context_len=span.shape[0])
 
-    prefill_graph = torch.compile(prefill_over, fullgraph=True, dynamic=False, options=options)
-    decode_graph = torch.compile(decode_over, fullgraph=True, dynamic=False, options=options)
+    def mixed_over(prefill_ids, start_pos, lengths, prefill_tables, decode_ids, positions, decode_tables,
+                   k_caches, v_caches, prefill_span, decode_span):
+        return module.prefill_and_decode(prefill_ids, start_pos, lengths, prefill_tables, decode_ids, positions,
+                                         decode_tables, k_caches, v_caches, prefill_context=prefill_span.shape[0],
+                                         decode_context=decode_span.shape[0])
+
+    prefill_graph, decode_graph, mixed_graph = (torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+                                                for fn in (prefill_over, decode_over, mixed_over))
 
     def span_of(context_len: int, device) -> torch.Tensor:
         span = torch.empty(context_len, dtype=torch.int8, device=device)  # [T], never read
@@ -121,7 +130,14 @@ def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buck
     def decode(input_ids, positions, block_tables, k_caches, v_caches, context_len: int):  # lo <= context_len <= hi
         return decode_graph(input_ids, positions, block_tables, k_caches, v_caches, span_of(context_len, input_ids.device))
 
-    return prefill, decode
+    def mixed(prefill_ids, start_pos, lengths, prefill_tables, decode_ids, positions, decode_tables, k_caches,
+              v_caches, prefill_context: int, decode_context: int):
+        torch._dynamo.mark_dynamic(prefill_ids, 1, min=lo, max=hi)
+        dev = prefill_ids.device
+        return mixed_graph(prefill_ids, start_pos, lengths, prefill_tables, decode_ids, positions, decode_tables,
+                           k_caches, v_caches, span_of(prefill_context, dev), span_of(decode_context, dev))
+
+    return prefill, decode, mixed
 
 
 def _allow_one_graph_per_bucket(buckets: Buckets) -> None:

@@ -1,6 +1,6 @@
 """GraphRunner: calls prefill / decode with inputs padded to a shape bucket (zoo.graphs.buckets).
 
-The two callables come from a backend (zoo.graphs.build.build_runner): the eager module methods,
+The callables come from a backend (zoo.graphs.build.build_runner): the eager module methods,
 torch.compile'd ones or exported graphs. With `torch.compile(fullgraph=True, dynamic=False)` each
 bucket is one graph, compiled on first use (or ahead of time by `warmup`). After that, any mix of
 requests inside the warmed buckets replays existing graphs: no recompiles, no graph breaks.
@@ -23,8 +23,12 @@ class GraphRunner:
     the eager module methods, torch.compile'd ones or exported graphs (zoo.graphs.build)."""
 
     def __init__(self, prefill_fn, decode_fn, cache: KVCache, buckets: Buckets, compiled: bool,
-                 description: str = "eager", graph_cache=None, module: torch.nn.Module | None = None):
+                 description: str = "eager", graph_cache=None, module: torch.nn.Module | None = None,
+                 mixed_fn=None):
         self._prefill, self._decode = prefill_fn, decode_fn
+        # prefill_and_decode (a prompt chunk and a decode step in one forward); None where the
+        # backend has no such graph (static buckets, exports, torchair): chunks then run apart
+        self._mixed = mixed_fn
         self.module = module  # the eager model: prompt logprobs, and buckets not compiled yet, run on it
         self._background: threading.Thread | None = None  # compiles every bucket (compile_in_background)
         self.eager_calls = 0  # calls that ran eagerly because their graph was still being compiled
@@ -44,8 +48,13 @@ class GraphRunner:
 
     @property
     def graphs_total(self) -> int:
-        """Graphs of every bucket (Buckets.prefill_graphs and decode_graphs)."""
-        return self.buckets.num_graphs
+        """Graphs of every bucket (Buckets.prefill_graphs, decode_graphs and mixed_graphs)."""
+        return self.buckets.num_graphs + (len(self.buckets.mixed_graphs()) if self.can_mix and self.compiled else 0)
+
+    @property
+    def can_mix(self) -> bool:
+        """Whether a prompt chunk can run in one forward with a decode step (prefill_and_decode)."""
+        return self._mixed is not None
 
     @property
     def graphs_ready(self) -> int:
@@ -79,6 +88,7 @@ class GraphRunner:
         b = self.buckets
         todo = [self._decode_key(B, L) for B, L in b.decode_graphs()]
         todo += [self._prefill_key(B, S, T) for B, S, T in b.prefill_graphs()]
+        todo += [("mixed", B) for B in b.mixed_graphs()] if self.can_mix else []
         for key in todo:
             try:
                 self._build(key)
@@ -107,6 +117,10 @@ class GraphRunner:
                 S, T = (key[2], key[3]) if len(key) > 2 else (smallest, smallest)
                 kwargs = {} if T is None else {"context_len": T}
                 self._timed_first_call(key, self._prefill, *self.cache.scratch_prefill_inputs(key[1], S), **kwargs)
+            elif key[0] == "mixed":
+                prefill_inputs = self.cache.scratch_prefill_inputs(1, smallest)[:4]
+                self._timed_first_call(key, self._mixed, *prefill_inputs, *self.cache.scratch_decode_inputs(key[1]),
+                                       prefill_context=smallest, decode_context=smallest)
             else:
                 length = key[2] if len(key) > 2 else smallest
                 kwargs = {} if length is None else {"context_len": length}
@@ -123,7 +137,8 @@ class GraphRunner:
             return fn(*args, **kwargs)
         if self.compiling_in_background and threading.current_thread() is not self._background:
             self.eager_calls += 1  # its graph is not ready yet: run it eagerly meanwhile
-            eager = self.module.prefill if key[0] == "prefill" else self.module.decode
+            eager = {"prefill": self.module.prefill, "decode": self.module.decode,
+                     "mixed": self.module.prefill_and_decode}[key[0]]
             return eager(*args, **kwargs)
         name = _graph_name(key, self.buckets.dynamic_lengths)
         cached = self.graph_cache is not None and self.graph_cache.has(name)
@@ -177,6 +192,15 @@ class GraphRunner:
     def _prefill_call(self, prompts: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
         n = len(prompts)
         B = self.buckets.batch_for(n)
+        S, T, inputs = self._prefill_inputs(prompts, slots, starts, B)
+        kwargs = {} if T is None else {"context_len": T}
+        logits = self._timed_first_call(self._prefill_key(B, S, T), self._prefill, *inputs, self.cache.k,
+                                        self.cache.v, **kwargs)
+        return logits[:n]
+
+    def _prefill_inputs(self, prompts: list[list[int]], slots: list[int], starts: list[int], B: int) -> tuple:
+        """-> (length bucket S, context bucket T, (input_ids [B, S], start_pos [B], lengths [B],
+        block_tables [B, NB])) on the device; rows past the prompts are padding in the scratch slot."""
         S = self.buckets.prefill_len_for(max(len(p) - s for p, s in zip(prompts, starts)))
         T = self.buckets.context_len_for(max(S, *(len(p) for p in prompts)))  # (a graph's context holds its length)
         input_ids = torch.zeros(B, S, dtype=torch.long)
@@ -188,11 +212,28 @@ class GraphRunner:
             start_pos[i], lengths[i], rows[i] = start, len(prompt) - start, slot
         dev = self.device
         tables = self.cache.block_tables[torch.tensor(rows, device=dev)]  # [B, blocks_per_seq + 1]
-        kwargs = {} if T is None else {"context_len": T}
-        logits = self._timed_first_call(self._prefill_key(B, S, T), self._prefill, input_ids.to(dev),
-                                        start_pos.to(dev), lengths.to(dev), tables, self.cache.k, self.cache.v,
-                                        **kwargs)
-        return logits[:n]
+        return S, T, (input_ids.to(dev), start_pos.to(dev), lengths.to(dev), tables)
+
+    @torch.no_grad()
+    def prefill_and_decode(self, prompt: list[int], slot: int, start: int, input_ids: torch.Tensor,
+                           positions: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward (can_mix): positions [start, len(prompt)) of a prompt into `slot`, whose
+        blocks must already hold them, and a decode step as in `decode` (input_ids [B, 1],
+        positions [B], context the longest decoding sequence) -> (logits of the prompt's last
+        token [V], the decode rows' logits [B, V])."""
+        if not 0 <= start < len(prompt) or len(prompt) - start > self.buckets.chunk_tokens:
+            raise ValueError(f"prefill of positions [{start}, {len(prompt)}) is not one chunk of at most "
+                             f"{self.buckets.chunk_tokens} tokens")
+        if self.cache.capacity(slot) < len(prompt):
+            raise ValueError(f"slot {slot} has blocks for {self.cache.capacity(slot)} positions, not the prompt's "
+                             f"{len(prompt)}")
+        B = input_ids.shape[0]
+        _, T, prefill_inputs = self._prefill_inputs([prompt], [slot], [start], 1)
+        L = self._decode_context(context)
+        logits = self._timed_first_call(("mixed", B), self._mixed, *prefill_inputs, input_ids, positions,
+                                        self.cache.block_tables[:B], self.cache.k, self.cache.v,
+                                        prefill_context=T, decode_context=L)
+        return logits[0], logits[1:]
 
     @torch.no_grad()
     def prompt_hidden(self, prompt: list[int], slot: int) -> torch.Tensor:
@@ -224,12 +265,17 @@ class GraphRunner:
         context: the longest sequence among the rows, counting this step's token (host-side
         bookkeeping, never read from the device); None attends over the whole cache."""
         B = input_ids.shape[0]
-        L = None if context is None else self.buckets.context_len_for(context)
-        if L is None and self.buckets.dynamic_lengths:
-            L = self.buckets.max_len  # the whole cache
+        L = self._decode_context(context)
         kwargs = {} if L is None else {"context_len": L}
         return self._timed_first_call(self._decode_key(B, L), self._decode, input_ids, positions,
                                       self.cache.block_tables[:B], self.cache.k, self.cache.v, **kwargs)
+
+    def _decode_context(self, context: int | None) -> int | None:
+        """The context bucket a decode over sequences of up to `context` tokens attends over."""
+        L = None if context is None else self.buckets.context_len_for(context)
+        if L is None and self.buckets.dynamic_lengths:
+            L = self.buckets.max_len  # the whole cache
+        return L
 
     def warmup(self, batch_sizes=None, prefill_lens=None, decode: bool = True, context_lens=None) -> None:
         """Build (compile) the graphs for these buckets now, writing only to scratch cache space
@@ -250,11 +296,15 @@ class GraphRunner:
                     self._build(self._prefill_key(gB, S, T))
             for L in contexts if decode else []:
                 self._build(self._decode_key(B, L))
+            if decode and self.can_mix and B in b.mixed_graphs():
+                self._build(("mixed", B))
 
 
 def _graph_name(key: tuple, dynamic_lengths: bool) -> str:
     """How a bucket's graph is named in the log and the graph cache's manifest."""
     name = f"{key[0]} graph for batch {key[1]}"
+    if key[0] == "mixed":
+        return f"prefill-and-decode graph for decode batch {key[1]}, dynamic lengths"
     if key[0] == "prefill" and len(key) > 2:
         return name + f", length {key[2]}" + ("" if key[3] is None else f", context {key[3]}")
     if len(key) > 2:

@@ -52,10 +52,27 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.ops = AttentionOps()  # a device backend may replace it (see zoo.layers.ops)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata,
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata | tuple[AttentionMetadata, ...],
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        B, S, _ = x.shape  # [B, S, D]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        """x [B, S, D] with one AttentionMetadata; or, for a step that runs several groups of rows
+        in one forward (a prefill chunk with a decode step), their tokens flattened, x [1, N, D],
+        and a tuple of the groups' metadata in order (N = the sum of their B * S): the projections
+        read each weight once for all of them, each group attends on its own."""
+        qkv = self.qkv_proj(x)  # [B, S, q + 2 kv]
+        if isinstance(meta, AttentionMetadata):
+            out = self._attend(qkv, meta, k_cache, v_cache)  # [B, S, q]
+        else:
+            sizes = [m.cos.shape[0] * m.cos.shape[1] for m in meta]
+            out = torch.cat([self._attend(part.view(*m.cos.shape[:2], -1), m, k_cache, v_cache).view(1, -1, self.q_size)
+                             for part, m in zip(qkv.split(sizes, dim=1), meta)], dim=1)  # [1, N, q]
+        return self.o_proj(out)
+
+    def _attend(self, qkv: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        """One group of rows: qkv [B, S, q + 2 kv] -> attention output [B, S, q], this group's keys
+        and values written into the cache first."""
+        B, S, _ = qkv.shape
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(B, S, self.num_heads, self.head_dim)  # [B, S, H, hd]
         k = k.view(B, S, self.num_kv_heads, self.head_dim)  # [B, S, KV, hd]
         if self.q_norm is not None:
@@ -71,4 +88,4 @@ class Attention(nn.Module):
         k, v = self.ops.read_kv(k_cache, meta.kv_read_index), self.ops.read_kv(v_cache, meta.kv_read_index)
 
         out = self.ops.attention(q, k, v, meta.mask, is_decode=meta.is_decode)  # [B, H, S, hd]
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.q_size))
+        return out.transpose(1, 2).reshape(B, S, self.q_size)

@@ -1,8 +1,9 @@
 """Llama (2, 3, 3.1/3.2) hand-adapted for graph mode.
 
-Two entry points, each compiled into one static-shape graph per bucket:
+Graph entry points, each compiled into one static-shape graph per bucket:
   prefill(input_ids [B, S], start_pos [B], lengths [B], block_tables [B, NB], k_caches, v_caches) -> logits [B, V]
   decode (input_ids [B, 1], positions [B],              block_tables [B, NB], k_caches, v_caches) -> logits [B, V]
+  prefill_and_decode: both in one forward (a prompt chunk riding with the running rows' decode step)
 Lengths, positions and block ids are tensors, never Python ints taken from data, so one graph
 serves every prompt length and block layout inside its bucket. The KV cache is a pool of blocks
 per layer, k and v of shape [blocks, KV, block_size, hd], passed in and updated in place; a row's
@@ -137,12 +138,7 @@ class LlamaForCausalLM(nn.Module):
         """prefill's decoder stack: hidden states at every position [B, S, D] (before the final
         norm). Called alone (eagerly) for prompt logprobs."""
         input_ids = input_ids.clone()  # a fresh tensor keeps the FX graph input stable
-        B, S = input_ids.shape
-        positions = start_pos[:, None] + torch.arange(S, device=input_ids.device)  # [B, S]
-        valid = torch.arange(S, device=input_ids.device)[None, :] < lengths[:, None]  # [B, S] not padding
-        cos, sin = self.rotary(positions, start_pos + lengths)
-        meta = self._attention_metadata(positions, valid, block_tables, k_caches[0], context_len, cos, sin,
-                                        is_decode=False)
+        meta = self._prefill_metadata(input_ids, start_pos, lengths, block_tables, k_caches[0], context_len)
         return self.model(input_ids, meta, k_caches, v_caches)  # [B, S, D]
 
     def decode(self, input_ids, positions, block_tables, k_caches, v_caches, context_len: int | None = None):
@@ -151,12 +147,40 @@ class LlamaForCausalLM(nn.Module):
         context_len (static: one graph per value): attend over positions [0, context_len) only,
         which must hold every real row's position; None = the whole table."""
         input_ids = input_ids.clone()
-        pos = positions[:, None]  # [B, 1]
-        cos, sin = self.rotary(pos, positions + 1)
-        meta = self._attention_metadata(pos, torch.ones_like(pos, dtype=torch.bool), block_tables, k_caches[0],
-                                        context_len, cos, sin, is_decode=True)
+        meta = self._decode_metadata(positions, block_tables, k_caches[0], context_len)
         h = self.model(input_ids, meta, k_caches, v_caches)  # [B, 1, D]
         return self.compute_logits(h[:, 0])
+
+    def prefill_and_decode(self, prefill_ids, start_pos, lengths, prefill_tables, decode_ids, positions,
+                           decode_tables, k_caches, v_caches, prefill_context: int | None = None,
+                           decode_context: int | None = None):
+        """A prefill (chunk) and a decode step in one forward: prefill's inputs [Bp, S] and decode's
+        [B, 1] as in those methods, their tokens flattened into one sequence for the linear layers,
+        which so read every weight once for both (a decode step costs about that read; a prefill
+        chunk run apart would cost another). Each group attends over its own rows' blocks.
+        -> logits [Bp + B, V]: each prefill row's last real token, then each decode row."""
+        prefill_ids, decode_ids = prefill_ids.clone(), decode_ids.clone()
+        Bp, S = prefill_ids.shape
+        meta = (self._prefill_metadata(prefill_ids, start_pos, lengths, prefill_tables, k_caches[0], prefill_context),
+                self._decode_metadata(positions, decode_tables, k_caches[0], decode_context))
+        tokens = torch.cat([prefill_ids.reshape(1, -1), decode_ids.reshape(1, -1)], dim=1)  # [1, Bp*S + B]
+        h = self.model(tokens, meta, k_caches, v_caches)[0]  # [Bp*S + B, D]
+        h_prefill, h_decode = h[:Bp * S].view(Bp, S, -1), h[Bp * S:]  # [Bp, S, D], [B, D]
+        h_last = h_prefill[torch.arange(Bp, device=h.device), lengths - 1]  # [Bp, D]
+        return self.compute_logits(torch.cat([h_last, h_decode]))
+
+    def _prefill_metadata(self, input_ids, start_pos, lengths, block_tables, cache, context_len) -> AttentionMetadata:
+        B, S = input_ids.shape
+        positions = start_pos[:, None] + torch.arange(S, device=input_ids.device)  # [B, S]
+        valid = torch.arange(S, device=input_ids.device)[None, :] < lengths[:, None]  # [B, S] not padding
+        cos, sin = self.rotary(positions, start_pos + lengths)
+        return self._attention_metadata(positions, valid, block_tables, cache, context_len, cos, sin, is_decode=False)
+
+    def _decode_metadata(self, positions, block_tables, cache, context_len) -> AttentionMetadata:
+        pos = positions[:, None]  # [B, 1]
+        cos, sin = self.rotary(pos, positions + 1)
+        return self._attention_metadata(pos, torch.ones_like(pos, dtype=torch.bool), block_tables, cache,
+                                        context_len, cos, sin, is_decode=True)
 
     def _attention_metadata(self, positions, valid, block_tables, cache, context_len, cos, sin,
                             is_decode: bool) -> AttentionMetadata:

@@ -18,8 +18,14 @@ class Metrics:
         self.peak_running = Gauge("zoo_num_requests_running_peak",
                                   "Most requests running at once after an engine step, since the server started",
                                   registry=r)
-        self.kv_usage = Gauge("zoo_kv_cache_usage_ratio", "Share of KV-cache slots in use (0..1)", registry=r)
+        self.kv_usage = Gauge("zoo_kv_cache_usage_ratio", "Share of the KV-cache blocks held by requests (0..1; "
+                              "slots in use / slots under tensor parallelism)", registry=r)
         self.kv_slots = Gauge("zoo_kv_cache_slots", "KV-cache slots (the largest decode batch)", registry=r)
+        self.kv_blocks = Gauge("zoo_kv_cache_blocks", "KV-cache blocks in the pool (0: not known here)", registry=r)
+        self.prefix_hit_tokens = Gauge("zoo_prefix_cache_hit_tokens", "Prompt tokens whose KV came from cached "
+                                       "prefix blocks, since the server started", registry=r)
+        self.preemptions = Gauge("zoo_num_preemptions", "Requests preempted (blocks taken back, re-prefilled later) "
+                                 "since the server started", registry=r)
         self.prompt_tokens = Counter("zoo_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("zoo_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("zoo_requests", "Requests finished, by finish reason (stop, length, aborted, error)",
@@ -56,7 +62,16 @@ class Metrics:
         self.running.set_function(engine_loop.running)
         self.waiting.set_function(engine_loop.queued)
         self.peak_running.set_function(lambda: engine_loop.peak_running)
-        self.kv_usage.set_function(lambda: engine_loop.running() / slots)
+        cache = engine_loop.engine.cache
+        pool = getattr(cache, "pool", None)  # a local engine's paged cache (the TP stand-in knows slots only)
+        if pool is None:
+            self.kv_usage.set_function(lambda: engine_loop.running() / slots)
+        else:
+            blocks = cache.num_blocks
+            self.kv_blocks.set(blocks)
+            self.kv_usage.set_function(lambda: (blocks - cache.free_blocks) / blocks)
+            self.prefix_hit_tokens.set_function(lambda: pool.hit_tokens)
+            self.preemptions.set_function(lambda: getattr(engine_loop.engine, "preemptions", 0))
         runner = getattr(engine_loop.engine, "runner", None)  # a local engine's (not the TP / PD stand-ins)
         if runner is not None and runner.compiled:
             self.graphs_ready.set_function(lambda: runner.graphs_ready)
