@@ -266,7 +266,7 @@ class Engine:
         if not self.running:
             return  # the next step goes on with the prompt
         if not self.prefilling:  # preempted to make room
-            self._guarded(list(self.running.values()), "decode", self._decode_step)
+            self._guarded(list(self.running.values()), "decode", self._decode_running)
             return
         slot, req = min(self.prefilling.items(), key=lambda item: item[1].t_submit)
         row = _PrefillRow(req, slot, req.computed,
@@ -465,8 +465,11 @@ class Engine:
 
     def _decode_step(self) -> None:
         self._grow_or_preempt()
-        if not self.running:
-            return
+        if self.running:
+            self._decode_running()
+
+    def _decode_running(self) -> None:
+        """One decode step of the running requests, whose blocks already hold the token fed now."""
         B, context = self._decode_shape()
         self._decode_done(self.runner.decode(self.tokens[:B], self.positions[:B], context), B)
 

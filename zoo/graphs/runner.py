@@ -168,9 +168,7 @@ class GraphRunner:
         try:
             slots = [slot if tmp is None else tmp for slot, tmp in zip(slots, temporary)]
             for prompt, slot, start in zip(prompts, slots, starts):
-                if not 0 <= start < len(prompt) or len(prompt) - start > self.buckets.chunk_tokens:
-                    raise ValueError(f"prefill of positions [{start}, {len(prompt)}) is not one chunk of at most "
-                                     f"{self.buckets.chunk_tokens} tokens")
+                self._check_chunk(prompt, start)
                 if not self.cache.reserve(slot, len(prompt)):
                     raise RuntimeError(f"not enough free KV blocks for a {len(prompt)}-token prompt "
                                        f"({self.cache.free_blocks} free)")
@@ -188,6 +186,12 @@ class GraphRunner:
             for tmp in temporary:
                 if tmp is not None:
                     self.cache.free(tmp)
+
+    def _check_chunk(self, prompt: list[int], start: int) -> None:
+        """Positions [start, len(prompt)) must be one prefill call's worth (buckets.chunk_tokens)."""
+        if not 0 <= start < len(prompt) or len(prompt) - start > self.buckets.chunk_tokens:
+            raise ValueError(f"prefill of positions [{start}, {len(prompt)}) is not one chunk of at most "
+                             f"{self.buckets.chunk_tokens} tokens")
 
     def _prefill_call(self, prompts: list[list[int]], slots: list[int], starts: list[int]) -> torch.Tensor:
         n = len(prompts)
@@ -221,9 +225,7 @@ class GraphRunner:
         blocks must already hold them, and a decode step as in `decode` (input_ids [B, 1],
         positions [B], context the longest decoding sequence) -> (logits of the prompt's last
         token [V], the decode rows' logits [B, V])."""
-        if not 0 <= start < len(prompt) or len(prompt) - start > self.buckets.chunk_tokens:
-            raise ValueError(f"prefill of positions [{start}, {len(prompt)}) is not one chunk of at most "
-                             f"{self.buckets.chunk_tokens} tokens")
+        self._check_chunk(prompt, start)
         if self.cache.capacity(slot) < len(prompt):
             raise ValueError(f"slot {slot} has blocks for {self.cache.capacity(slot)} positions, not the prompt's "
                              f"{len(prompt)}")
