@@ -36,6 +36,7 @@ import torch._inductor
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default_cache_dir
 
 from zoo.device import default_cache_dir, dtype_name
+from zoo.layers import cpu_kernels
 from zoo.graphs.kv_cache import KVCache
 from zoo.log import log
 
@@ -184,6 +185,8 @@ def export_graphs(module: nn.Module, cache: KVCache, out_dir: str, batch_sizes: 
         os.remove(manifest_path)  # a half-rewritten folder must not look like a finished export
 
     module.eval()
+    if cache.k[0].device.type == "cpu":
+        cpu_kernels.load(default_cache_dir())  # the exported graphs call them when they are built
     tensors = _module_tensors(module)
     contexts = list(context_lens) or [None]
     jobs = [("prefill", B, S, T) for B in batch_sizes for S in prefill_lens for T in contexts if T is None or T >= S]
@@ -314,6 +317,8 @@ class ExportedGraphs:
         if dtype_name(cache.k[0].dtype) != manifest["dtype"]:
             raise ValueError(f"{export_dir!r} was exported with dtype={manifest['dtype']!r}, but the given cache "
                              f"has dtype={dtype_name(cache.k[0].dtype)!r}")
+        if manifest["device"] == "cpu":
+            cpu_kernels.load(default_cache_dir())  # graphs exported with zoo's CPU kernels call them
         tensors = _module_tensors(module)
         _check_constants(export_dir, manifest["constants"], tensors, manifest["device"])
         n_layers = len(cache.k)

@@ -24,12 +24,15 @@ from zoo.graphs.cache import GraphCache, cache_key_fields
 from zoo.graphs.compile_config import CompileConfig
 from zoo.graphs.kv_cache import KVCache
 from zoo.graphs.runner import GraphRunner
+from zoo.layers import cpu_kernels
 from zoo.models.registry import ModelSpec
 
 
 def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, spec: ModelSpec,
                  compiled: bool | str, compile_config: CompileConfig, inductor_options: dict | None,
                  dtype: torch.dtype, device: torch.device, cache_dir: str, tp: TPContext) -> GraphRunner:
+    if compiled and device.type == "cpu":
+        cpu_kernels.load(cache_dir)  # before tracing, or loading graphs that call them
     if isinstance(compiled, str):
         from zoo.graphs.aoti import ExportedGraphs  # imports torch._inductor's AOTI loader: only when used
 
@@ -62,6 +65,8 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
     if buckets.dynamic_lengths and (backend != "inductor" or options.get("triton.cudagraphs")):
         raise CompileConfigError(f"{compile_config.source}: dynamic lengths need the inductor backend without CUDA "
                                  "graphs (torchair graphs are static-shaped; CUDA graphs record one graph per length)")
+    if device.type == "cpu":
+        fingerprint["cpu_kernels"] = cpu_kernels.fingerprint()  # graphs call them when they are built
     if module.config.quantization is not None:  # also when quantized while loading (not in config.json)
         fingerprint["quantization"] = module.config.quantization.to_hf()
     if tp.enabled:

@@ -28,23 +28,26 @@ from torch import nn
 
 from zoo.config import tp_head_split_problem
 from zoo.distributed.comm import SINGLE, TPContext, all_gather_last_dim, all_reduce, wait
-from zoo.layers import quant
+from zoo.layers import cpu_kernels, quant
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but a single token on CPU under torch.compile becomes a reduction inductor fuses.
+    """F.linear, but a single token on CPU under torch.compile runs a decode kernel instead.
 
-    Batch-1 decode multiplies one row by every weight matrix: a GEMV, bound by reading the weights.
-    On this CPU, for a [1, 2048] x [2048, 11264] product, ATen's GEMV read 22-28 GB/s while the
-    inductor-generated reduction over (x * W).sum(-1) read 41-43 GB/s (bf16 and fp32, 2 threads;
-    a bf16 sum over 2 GB reads ~47 GB/s). With more rows the matmul kernels win (bf16, 4 rows:
-    28 vs 14 GB/s), so only one-row calls take this path. x is upcast, W is not: W * x promotes
-    inside the fused kernel, so freezing has no weight-only op to constant-fold into an fp32 copy.
-    Eager mode keeps F.linear (there the product would be materialised)."""
+    Batch-1 decode multiplies one row by every weight matrix: a GEMV, bound by reading the weights,
+    for which ATen's kernels are slow on CPU (22-28 GB/s where the memory gives 40-60). A bf16
+    weight goes to zoo's kernel (zoo.layers.cpu_kernels) when it is built; otherwise, and for fp32,
+    the product becomes a reduction over (x * W).sum(-1) that inductor fuses (41-43 GB/s in a
+    microbenchmark; x is upcast, W is not, so freezing has no weight-only op to constant-fold into
+    an fp32 copy). With more rows the matmul kernels win, so only one-row calls take these paths.
+    Eager mode keeps F.linear."""
     rows = x.numel() // x.shape[-1]
     if rows != 1 or x.device.type != "cpu" or not torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
-    y = (x.reshape(1, 1, -1).float() * weight[None]).sum(-1).to(x.dtype)  # [1, N]
+    if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and cpu_kernels.available():
+        y = torch.ops.zoo.gemv_bf16(x.reshape(1, -1), weight)  # [1, N]
+    else:
+        y = (x.reshape(1, 1, -1).float() * weight[None]).sum(-1).to(x.dtype)  # [1, N]
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])

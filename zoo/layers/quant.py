@@ -10,8 +10,9 @@ loading) replaces a checkpoint's `<name>.weight` W [N, K] with:
         <name>.zeros    float [N, K / G]   (min / max of each group map to q = 0 / 15)
 The group size of a tensor is K / scales.shape[1], so the tensors describe themselves.
 
-Kernels (measured in benches/results/quantized_linear-cpu-*.md): on CPU a few rows (decode) run
-ATen's weight-only kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, which read
+Kernels (measured in benches/results/quantized_linear-cpu-*.md and cpu_gemv-cpu-*.md): on CPU one
+row of int8 (batch-1 decode) runs zoo's kernel (zoo.layers.cpu_kernels) when it is built; a few
+rows run ATen's weight-only kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, which read
 the int8 / int4 weights and convert inside the kernel: no full-precision copy of the weight is
 made. With many rows (prefill) the weight is dequantized once per call and multiplied by the
 float matmul, because those kernels are built for few rows (at 256 rows they ran 4.5x slower than
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.config import INT4_GROUP_SIZES
+from zoo.layers import cpu_kernels
 # Up to this many rows per call the weight-only kernels run; above it, dequantize + matmul.
 WEIGHT_ONLY_KERNEL_MAX_ROWS = 16
 
@@ -117,7 +119,9 @@ def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tenso
     # dimension, and branching on B * S would specialize the graph to one length.
     one_token_each = x.dim() < 3 or x.shape[-2] == 1
     few_rows = one_token_each and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
-    if mode == "int8" and x.device.type == "cpu" and few_rows:
+    if mode == "int8" and x.device.type == "cpu" and x2.shape[0] == 1 and one_token_each and cpu_kernels.available():
+        y = torch.ops.zoo.gemv_int8(x2, qweight, params["scales"])  # zoo.layers.cpu_kernels
+    elif mode == "int8" and x.device.type == "cpu" and few_rows:
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
     elif packed_for_cpu and few_rows:
         # aten._weight_int4pack_mm_for_cpu with the group size as a tensor (see pack_int4_for_cpu)

@@ -1,0 +1,92 @@
+"""zoo's own CPU decode matmuls (csrc/cpu_gemv.cpp): torch ops `zoo::gemv_bf16` and
+`zoo::gemv_int8`, y [M, N] = x [M, K] @ W^T for the few rows of a decode step, with the weight
+held bf16 or int8 (one scale per output row).
+
+Why hand-written (benches/results/cpu_gemv-cpu-*.md has the numbers): in a compiled batch-1 step,
+inductor fuses the producer of a matmul's input (the RMSNorm, the embedding lookup) into the
+reduction it emits for a one-row matmul, and recomputes it for every output row; ATen's bf16 GEMV
+reads its weights at half the memory's speed, and its int8 kernel reads them below it. These
+kernels are extern calls for inductor (their input is computed once), read the weights once for
+all rows of x, and multiply bf16 pairs with AVX512_BF16's dot-product instruction where the CPU
+has it (fp32 FMAs on AVX2 / AVX-512 otherwise).
+
+The source is built on first use for the host's CPU (`-march=native`, about 10 s with the
+compiler inductor already needs) into `<cache root>/kernels/<hash of source, torch, flags, CPU>`,
+and loaded from there afterwards. `load` never raises: when the build fails (no compiler, a CPU
+without AVX2) it says why once and the layers keep their other paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import torch
+
+from zoo.log import log
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_gemv.cpp")
+_CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": False, "tried": False, "error": None, "build_dir": None}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _build_dir(cache_root: str) -> str:
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), " ".join(_CFLAGS).encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    return os.path.join(cache_root, "kernels", f"cpu_gemv-{key}")
+
+
+def load(cache_root: str) -> bool:
+    """Build (once per host and source) and load the kernels; True when the ops are usable."""
+    with _lock:
+        if _state["tried"]:
+            return bool(_state["loaded"])
+        _state["tried"] = True
+        try:
+            from torch.utils.cpp_extension import load as build_extension
+
+            build_dir = _build_dir(cache_root)
+            os.makedirs(build_dir, exist_ok=True)
+            build_extension(name="zoo_cpu_gemv", sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                            build_directory=build_dir, is_python_module=False, verbose=False)
+            _register_fakes()
+            _state["loaded"], _state["build_dir"] = True, build_dir
+        except Exception as e:  # noqa: BLE001 - any build or load failure leaves the other paths in use
+            _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            log(f"zoo's CPU decode kernels are not available ({_state['error']}); one-row matmuls use "
+                "inductor's reduction / ATen's kernels")
+        return bool(_state["loaded"])
+
+
+def fingerprint() -> str | None:
+    """What a compiled graph that calls the kernels depends on (part of the graph-cache key): the
+    build's key, or None when they are not loaded."""
+    return os.path.basename(str(_state["build_dir"])) if _state["loaded"] else None
+
+
+def available() -> bool:
+    """Whether `load` succeeded in this process (read while tracing: no side effects)."""
+    return bool(_state["loaded"])
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile's fake tensors: y [M, N] in x's dtype."""
+    def fake(x, weight, *_):
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    for name in ("zoo::gemv_bf16", "zoo::gemv_int8"):
+        torch.library.register_fake(name)(fake)

@@ -1,0 +1,257 @@
+// Few-row matmuls y = x W^T on CPU for decode: x [M, K] (M small: one token per sequence), W [N, K]
+// held bf16 or int8 (one scale per output row). Decode reads every weight once per step, so these kernels are written to stream W at
+// the memory's speed: W is read once for all M rows of x, x is converted to fp32 once per call
+// (not once per output row), the accumulators are fp32 vectors in independent chains, and the
+// output rows are split across threads. Intrinsics for AVX-512 or AVX2 + FMA, whichever the host
+// it is built on has (-march=native).
+//
+// Registered as torch ops zoo::gemv_bf16 / zoo::gemv_int8 (see cpu_kernels.py),
+// so torch.compile calls them as extern kernels from its graphs.
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// One SIMD register of fp32 lanes and the few operations the kernels need, for AVX-512 or AVX2
+// hosts (the build uses -march=native, so the host decides).
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+typedef __m512 vfloat;
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat load_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline vfloat fma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline vfloat add(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline float hsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+// VL bf16 weights -> fp32: a bf16 is the high half of an fp32
+inline vfloat load_bf16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vfloat load_int8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int VL = 8;
+typedef __m256 vfloat;
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat load_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline vfloat fma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline vfloat add(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline float hsum(vfloat v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vfloat load_bf16(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vfloat load_int8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+#error "zoo's CPU decode kernels need AVX2 with FMA, or AVX-512"
+#endif
+
+// Weight element loaders for the scalar tail (K not a multiple of 2 * VL).
+inline float scalar_weight(const uint16_t* w, int64_t k) {
+  uint32_t bits = static_cast<uint32_t>(w[k]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float scalar_weight(const int8_t* w, int64_t k) { return static_cast<float>(w[k]); }
+
+inline vfloat load_weight(const uint16_t* w) { return load_bf16(w); }
+inline vfloat load_weight(const int8_t* w) { return load_int8(w); }
+
+// RB output rows (W rows n .. n + RB) for M rows of x: out[m * ldo + r] = dot(x[m], w[r]).
+// Two chains per (m, r) pair hide the FMA latency; RB * M * 2 accumulators stay in registers.
+template <int M, int RB, typename W>
+inline void dot_rows(const float* x, int64_t K, const W* w, int64_t ldw, float* out, int64_t ldo) {
+  vfloat acc[M][RB][2];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r][0] = acc[m][r][1] = vzero();
+  const int64_t K2 = K / (2 * VL) * (2 * VL);
+  for (int64_t k = 0; k < K2; k += 2 * VL) {
+    vfloat xv[M][2];
+    for (int m = 0; m < M; ++m) {
+      xv[m][0] = load_f32(x + m * K + k);
+      xv[m][1] = load_f32(x + m * K + k + VL);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const vfloat w0 = load_weight(w + r * ldw + k);
+      const vfloat w1 = load_weight(w + r * ldw + k + VL);
+      for (int m = 0; m < M; ++m) {
+        acc[m][r][0] = fma(xv[m][0], w0, acc[m][r][0]);
+        acc[m][r][1] = fma(xv[m][1], w1, acc[m][r][1]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int r = 0; r < RB; ++r) {
+      float s = hsum(add(acc[m][r][0], acc[m][r][1]));
+      for (int64_t k = K2; k < K; ++k) s += x[m * K + k] * scalar_weight(w + r * ldw, k);
+      out[m * ldo + r] = s;
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+// bf16 x bf16 on AVX512_BF16: one vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32
+// lanes (exact products, fp32 sums), so the weights need no conversion and a step costs half
+// the FMAs of the fp32 path. x stays bf16 (the model's activations are).
+template <int M, int RB>
+inline void dot_rows_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ldw, float* out, int64_t ldo) {
+  __m512 acc[M][RB];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m512i xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x + m * K + k);
+    for (int r = 0; r < RB; ++r) {
+      const __m512i wv = _mm512_loadu_si512(w + r * ldw + k);
+      for (int m = 0; m < M; ++m) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)xv[m], (__m512bh)wv);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int r = 0; r < RB; ++r) {
+      float s = _mm512_reduce_add_ps(acc[m][r]);
+      for (int64_t k = K32; k < K; ++k) s += scalar_weight(x + m * K, k) * scalar_weight(w + r * ldw, k);
+      out[m * ldo + r] = s;
+    }
+  }
+}
+
+template <int M>
+void gemv_block_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  constexpr int RB = M == 1 ? 4 : (M == 2 ? 4 : (M <= 4 ? 2 : 2));
+  int64_t n = n0;
+  for (; n + RB <= n1; n += RB) dot_rows_bf16<M, RB>(x, K, w + n * K, K, y + n, N);
+  for (; n < n1; ++n) dot_rows_bf16<M, 1>(x, K, w + n * K, K, y + n, N);
+}
+
+void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y,
+                        int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t mb = std::min<int64_t>(8, M - m0);
+    const uint16_t* xb = x + m0 * K;
+    float* yb = y + m0 * N;
+    switch (mb) {
+      case 1: gemv_block_bf16<1>(xb, K, w, n0, n1, yb, N); break;
+      case 2: gemv_block_bf16<2>(xb, K, w, n0, n1, yb, N); break;
+      case 3: gemv_block_bf16<3>(xb, K, w, n0, n1, yb, N); break;
+      case 4: gemv_block_bf16<4>(xb, K, w, n0, n1, yb, N); break;
+      case 5: gemv_block_bf16<5>(xb, K, w, n0, n1, yb, N); break;
+      case 6: gemv_block_bf16<6>(xb, K, w, n0, n1, yb, N); break;
+      case 7: gemv_block_bf16<7>(xb, K, w, n0, n1, yb, N); break;
+      default: gemv_block_bf16<8>(xb, K, w, n0, n1, yb, N); break;
+    }
+  }
+}
+#endif
+
+// y [M, N] (fp32) = x32 [M, K] @ W^T for rows [n0, n1) of W; M <= 8 per call.
+template <int M, typename W>
+void gemv_block(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  constexpr int RB = M == 1 ? 4 : (M == 2 ? 4 : (M <= 4 ? 2 : 1));
+  int64_t n = n0;
+  for (; n + RB <= n1; n += RB) dot_rows<M, RB>(x, K, w + n * K, K, y + n, N);
+  for (; n < n1; ++n) dot_rows<M, 1>(x, K, w + n * K, K, y + n, N);
+}
+
+template <typename W>
+void gemv_dispatch(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const int64_t mb = std::min<int64_t>(8, M - m0);
+    const float* xb = x + m0 * K;
+    float* yb = y + m0 * N;
+    switch (mb) {
+      case 1: gemv_block<1>(xb, K, w, n0, n1, yb, N); break;
+      case 2: gemv_block<2>(xb, K, w, n0, n1, yb, N); break;
+      case 3: gemv_block<3>(xb, K, w, n0, n1, yb, N); break;
+      case 4: gemv_block<4>(xb, K, w, n0, n1, yb, N); break;
+      case 5: gemv_block<5>(xb, K, w, n0, n1, yb, N); break;
+      case 6: gemv_block<6>(xb, K, w, n0, n1, yb, N); break;
+      case 7: gemv_block<7>(xb, K, w, n0, n1, yb, N); break;
+      default: gemv_block<8>(xb, K, w, n0, n1, yb, N); break;
+    }
+  }
+}
+
+// Output rows per parallel task: a multiple of 4 (the row blocks), large enough that a task
+// streams a few hundred KB of weights.
+constexpr int64_t GRAIN = 64;
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, int64_t k_per_row) {
+  TORCH_CHECK(x.dim() == 2, "zoo gemv: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "zoo gemv: the weight must be a contiguous [N, K'] tensor");
+  TORCH_CHECK(x.size(1) == w.size(1) * k_per_row, "zoo gemv: x has ", x.size(1), " columns, the weight ",
+              w.size(1) * k_per_row);
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "zoo gemv: CPU tensors only");
+}
+
+at::Tensor finish(const at::Tensor& y32, const at::Tensor& x) {
+  return x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  check_inputs(x, w, 1);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "zoo::gemv_bf16: bf16 weights");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+#if defined(__AVX512BF16__)
+  if (x.scalar_type() == at::kBFloat16) {
+    const at::Tensor xc = x.contiguous();
+    const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { gemv_dispatch_bf16(xp, M, K, wp, n0, n1, yp, N); });
+    return finish(y, x);
+  }
+#endif
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const float* xp = x32.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) { gemv_dispatch(xp, M, K, wp, n0, n1, yp, N); });
+  return finish(y, x);
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
+  check_inputs(x, q, 1);
+  TORCH_CHECK(q.scalar_type() == at::kChar, "zoo::gemv_int8: int8 weights");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == q.size(0), "zoo::gemv_int8: one scale per output row");
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor s32 = scales.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const float* xp = x32.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s32.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    gemv_dispatch(xp, M, K, qp, n0, n1, yp, N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) yp[m * N + n] *= sp[n];
+  });
+  return finish(y, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(zoo, m) {
+  m.def("gemv_bf16(Tensor x, Tensor weight) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zoo, CPU, m) {
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+}
