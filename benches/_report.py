@@ -12,6 +12,9 @@ VARIANT_LABELS = {
     "zoo_aoti": "zoo AOTI export",
     "hf_eager": "transformers eager",
     "hf_compiled": "transformers compiled (static cache)",
+    "llamacpp_bf16": "llama.cpp bf16",
+    "llamacpp_q8_0": "llama.cpp q8_0",
+    "llamacpp_q4_0": "llama.cpp q4_0",
 }
 VARIANT_ORDER = list(VARIANT_LABELS)
 
@@ -204,6 +207,11 @@ def markdown(results: dict) -> str:
                 zq = _med(per.get(f"zoo_compiled_{mode}"))
                 if z and zq:
                     parts.append(f"{mode} TPOT = {zq / z:.2f}x zoo compiled")
+            for ours, peer in (("zoo_compiled", "llamacpp_bf16"), ("zoo_compiled_int8", "llamacpp_q8_0"),
+                               ("zoo_compiled_int4", "llamacpp_q4_0")):
+                a, b = _med(per.get(ours)), _med(per.get(peer))
+                if a and b:
+                    parts.append(f"{label(ours)} TPOT = {a / b:.2f}x {label(peer)}")
             if parts:
                 ratios.append(f"- B{B}: " + ", ".join(parts))
         if g.get("tokens_match"):
@@ -255,7 +263,8 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
     groups = results["groups"]
     colors = {"zoo_eager": "tab:blue", "zoo_compiled": "tab:orange", "zoo_compiled_int8": "tab:olive",
               "zoo_compiled_int4": "tab:cyan", "zoo_aoti": "tab:purple", "hf_eager": "tab:green",
-              "hf_compiled": "tab:red"}
+              "hf_compiled": "tab:red", "llamacpp_bf16": "tab:brown", "llamacpp_q8_0": "tab:pink",
+              "llamacpp_q4_0": "tab:gray"}
     assert set(colors) == set(VARIANT_ORDER), "every variant needs a plot colour"
 
     def curve(ax, table: dict, xlabel: str, ylabel: str, title: str, log: bool = True):

@@ -10,6 +10,7 @@ Variants:
   zoo_compiled_int8, zoo_compiled_int4  the same with zoo.load(quantize="int8" | "int4")
   zoo_aoti      zoo.load() + the AOTInductor-exported graphs of zoo.graphs.aoti (no tracing, no compiling)
   hf_eager      transformers AutoModelForCausalLM.generate, greedy, default DynamicCache
+  llamacpp_bf16, llamacpp_q8_0, llamacpp_q4_0  llama.cpp (llama-cpp-python) on a GGUF copy (benches/_gguf.py)
   hf_compiled   transformers' CPU compiled recipe: StaticCache (max_cache_len = prompt + new tokens,
                 as cache_implementation="static" sizes it) + model.forward = torch.compile(model.forward,
                 fullgraph=True, dynamic=False), greedy
@@ -267,8 +268,110 @@ class HFRunner:
         return {"compile_s": 0.0, "first_calls": {}, "graph_cache": None}
 
 
+# ---- llama.cpp ----------------------------------------------------------------------------------
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python's low-level API, on a GGUF copy of the checkpoint
+    (benches/_gguf.py: bf16 / q8_0 from llama.cpp's converter, q4_0 by its quantizer). Greedy
+    decoding of B sequences in one llama_batch per step (one sequence id each), argmax on the host;
+    the KV memory is cleared before every call. The same token ids as every other variant."""
+
+    def __init__(self, cfg: dict):
+        import llama_cpp
+        import numpy as np
+
+        from _gguf import ensure_gguf
+
+        self.lib, self.np = llama_cpp, np
+        self.outtype = cfg["variant"].removeprefix("llamacpp_")
+        t0 = time.perf_counter()
+        self.path = ensure_gguf(cfg["model_path"], self.outtype, cfg.get("llamacpp_src"))
+        t1 = time.perf_counter()
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(self.path.encode(), mparams)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {self.path}")
+        cparams = llama_cpp.llama_context_default_params()
+        self.max_seqs = cfg["max_batch_size"]
+        # 1024 positions per sequence: the bench's prompts and outputs fit, and 8 of them hold 1 GiB of KV
+        cparams.n_ctx = min(cfg.get("max_seq_len") or 1024, 1024) * self.max_seqs
+        cparams.n_batch = cparams.n_ubatch = 512
+        cparams.n_seq_max = self.max_seqs
+        cparams.n_threads = cparams.n_threads_batch = cfg["threads"]
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(512, 0, self.max_seqs)
+        self.convert_s, self.load_s = t1 - t0, time.perf_counter() - t1
+
+    def info(self) -> dict:
+        return {"load_s": self.load_s, "gguf_convert_s": self.convert_s, "gguf": self.path,
+                "parameters": self.lib.llama_model_n_params(self.model),
+                "streamed_bytes": self._streamed_bytes(), "graphs": f"llama.cpp {self.outtype} (GGUF)"}
+
+    def _streamed_bytes(self) -> int:
+        """The GGUF's tensors but the embedding table (a step reads only its tokens' rows)."""
+        from gguf import GGUFReader
+
+        return sum(int(t.n_bytes) for t in GGUFReader(self.path).tensors if t.name != "token_embd.weight")
+
+    def supports(self, batch: int, prompt_len: int) -> bool:
+        return batch <= self.max_seqs
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """entries: (token, position, sequence, wants logits); at most 512 per call."""
+        b = self.batch
+        for i, (tok, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, index: int) -> int:
+        row = self.lib.llama_get_logits_ith(self.ctx, index)
+        return int(self.np.ctypeslib.as_array(row, shape=(self.vocab,)).argmax())
+
+    def _generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], list[float], float]:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        t0 = time.perf_counter()
+        entries = [(tok, pos, seq, pos == len(p) - 1) for seq, p in enumerate(prompts) for pos, tok in enumerate(p)]
+        last = []  # the batch index of each sequence's last prompt token, in the final chunk
+        for start in range(0, len(entries), 512):
+            chunk = entries[start:start + 512]
+            self._decode(chunk)
+            last += [(e[2], i) for i, e in enumerate(chunk) if e[3]]
+        out = [[] for _ in prompts]
+        for seq, i in last:
+            out[seq].append(self._argmax(i))
+        stamps = [time.perf_counter()]
+        for _ in range(new_tokens - 1):
+            self._decode([(out[s][-1], len(p) + len(out[s]) - 1, s, True) for s, p in enumerate(prompts)])
+            for s in range(len(prompts)):
+                out[s].append(self._argmax(s))
+            stamps.append(time.perf_counter())
+        return out, stamps, t0
+
+    def ttft(self, prompt: list[int]) -> dict:
+        _, stamps, t0 = self._generate([prompt], 1)
+        return {"ttft_ms": (stamps[0] - t0) * 1e3, "engine_ttft_ms": (stamps[0] - t0) * 1e3, "tokens": 1}
+
+    def decode(self, prompts: list[list[int]], new_tokens: int) -> dict:
+        out, stamps, t0 = self._generate(prompts, new_tokens)
+        return {"wall_ms": (stamps[-1] - t0) * 1e3, "ttft_ms": (stamps[0] - t0) * 1e3,
+                "tpot_ms": (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1) if len(stamps) > 1 else None,
+                "tokens": sum(len(o) for o in out), "token_ids": out[0]}
+
+    def warmup(self, prompt_lens: list[int], batch_sizes: list[int], decode_prompt_len: int) -> dict:
+        return {"compile_s": 0.0, "first_calls": {}, "graph_cache": None}
+
+
 # ---- the serve loop -----------------------------------------------------------------------------
 def make_runner(cfg: dict):
+    if cfg["variant"].startswith("llamacpp_"):
+        return LlamaCppRunner(cfg)
     return ZooRunner(cfg) if cfg["variant"].startswith("zoo") else HFRunner(cfg)
 
 

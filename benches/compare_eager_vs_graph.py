@@ -75,7 +75,9 @@ import _report  # noqa: E402
 from zoo.entrypoints.options import positive_int_list  # noqa: E402
 
 ALL_VARIANTS = ["zoo_eager", "zoo_compiled", "zoo_compiled_int8", "zoo_compiled_int4", "zoo_aoti", "hf_eager",
-                "hf_compiled"]
+                "hf_compiled", "llamacpp_bf16", "llamacpp_q8_0", "llamacpp_q4_0"]
+# llama.cpp (pip install llama-cpp-python, and its source tree for the GGUF converter: benches/_gguf.py)
+# runs only when --variants names it
 QUANTIZED_VARIANTS = ["zoo_compiled_int8", "zoo_compiled_int4"]  # --quick leaves them out unless --variants names them
 
 
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--medium-dtypes", type=_str_list, default=["bfloat16", "float32"])
     p.add_argument("--medium-fp32-full", action="store_true", help="medium model in fp32 at every batch size "
                    "and prompt length too (by default only batch 1, prompt 128: the roofline point; RAM)")
+    p.add_argument("--llamacpp-src", default=os.environ.get("ZOO_LLAMA_CPP_SRC"),
+                   help="llama.cpp source tree (convert_hf_to_gguf.py) for the llamacpp_* variants: see benches/_gguf.py")
     p.add_argument("--variants", type=_str_list, default=None, help=f"subset of {','.join(ALL_VARIANTS)} (default: all; with --quick all but the quantized ones)")
     p.add_argument("--prompt-lens", type=positive_int_list, default=[32, 128, 512], help="TTFT prompt lengths (batch 1)")
     p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 4, 8], help="TPOT batch sizes")
@@ -299,7 +303,7 @@ def run_group(spec: _models.ModelSpec, dtype: str, args, log_path: str, bandwidt
     _log(f"== {spec.name} {dtype}: variants {', '.join(variants)}; TTFT prompts {plan['prompt_lens']}, TPOT batches "
          f"{plan['batch_sizes']} x {plan['new_tokens']} tokens, {args.repetitions} repetitions")
 
-    base_cfg = {"model_path": spec.path, "dtype": dtype, "threads": args.threads,
+    base_cfg = {"model_path": spec.path, "dtype": dtype, "threads": args.threads, "llamacpp_src": args.llamacpp_src,
                 "max_batch_size": plan["max_batch_size"], "max_seq_len": plan["max_seq_len"]}
     warm_args = {"prompt_lens": plan["prompt_lens"], "batch_sizes": plan["batch_sizes"],
                  "new_tokens": plan["new_tokens"], "decode_prompt_len": args.decode_prompt_len}
@@ -512,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants is None:
         # the quantized variants' kernels and graphs are tested in tests/test_quant.py; in the suite's
         # quick run their two extra compiles would cost minutes
-        args.variants = [v for v in ALL_VARIANTS if not (args.quick and v in QUANTIZED_VARIANTS)]
+        args.variants = [v for v in ALL_VARIANTS if not (args.quick and v in QUANTIZED_VARIANTS)
+                         and not v.startswith("llamacpp_")]
     unknown = [v for v in args.variants if v not in ALL_VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {ALL_VARIANTS}")

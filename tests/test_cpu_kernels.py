@@ -15,7 +15,7 @@ from zoo.layers.linear import linear
 @pytest.fixture(scope="module", autouse=True)
 def kernels():
     # this project's machines have AVX2 or AVX-512 and gcc (inductor needs it too): the build must work
-    assert cpu_kernels.load(default_cache_dir()), cpu_kernels._state["error"]
+    assert cpu_kernels.load(default_cache_dir()), cpu_kernels.load_error()
 
 
 SHAPES = [(1, 64, 5), (1, 100, 130), (2, 2048, 64), (3, 96, 7), (4, 160, 33), (8, 64, 12), (9, 2080, 40)]

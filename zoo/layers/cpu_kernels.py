@@ -25,6 +25,7 @@ import torch
 
 from zoo.log import log
 
+MAX_ROWS = 8  # decode steps of up to this many sequences call the kernels (one token each)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_gemv.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
@@ -76,6 +77,11 @@ def fingerprint() -> str | None:
     """What a compiled graph that calls the kernels depends on (part of the graph-cache key): the
     build's key, or None when they are not loaded."""
     return os.path.basename(str(_state["build_dir"])) if _state["loaded"] else None
+
+
+def load_error() -> str | None:
+    """Why `load` failed in this process, or None."""
+    return _state["error"]  # type: ignore[return-value]
 
 
 def available() -> bool:

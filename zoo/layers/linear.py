@@ -41,13 +41,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     microbenchmark; x is upcast, W is not, so freezing has no weight-only op to constant-fold into
     an fp32 copy). With more rows the matmul kernels win, so only one-row calls take these paths.
     Eager mode keeps F.linear."""
-    rows = x.numel() // x.shape[-1]
-    if rows != 1 or x.device.type != "cpu" or not torch.compiler.is_compiling():
+    if x.device.type != "cpu" or not torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
-    if weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16 and cpu_kernels.available():
-        y = torch.ops.zoo.gemv_bf16(x.reshape(1, -1), weight)  # [1, N]
-    else:
+    one_token_each = x.dim() < 3 or x.shape[-2] == 1  # decode (see quant.weight_only_matmul)
+    rows = x.numel() // x.shape[-1]
+    if (one_token_each and rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.bfloat16
+            and x.dtype == torch.bfloat16 and cpu_kernels.available()):
+        y = torch.ops.zoo.gemv_bf16(x.reshape(rows, -1), weight)  # [rows, N]
+    elif rows == 1:
         y = (x.reshape(1, 1, -1).float() * weight[None]).sum(-1).to(x.dtype)  # [1, N]
+    else:
+        return F.linear(x, weight, bias)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -133,7 +133,7 @@ inline void dot_rows_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64
 
 template <int M>
 void gemv_block_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  constexpr int RB = M == 1 ? 4 : (M == 2 ? 4 : (M <= 4 ? 2 : 2));
+  constexpr int RB = M <= 4 ? 4 : 2;  // RB * M accumulators + M x vectors fit the 32 registers
   int64_t n = n0;
   for (; n + RB <= n1; n += RB) dot_rows_bf16<M, RB>(x, K, w + n * K, K, y + n, N);
   for (; n < n1; ++n) dot_rows_bf16<M, 1>(x, K, w + n * K, K, y + n, N);
