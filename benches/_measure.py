@@ -41,6 +41,20 @@ def summarize(values: list[float]) -> dict | None:
 
 
 # ---- memory -------------------------------------------------------------------------------------
+def interleaved_medians(fns: dict, arg, repeats: int) -> dict[str, float]:
+    """Seconds per call of each fn(arg), median of `repeats` rounds that call every fn once, in
+    order then in reverse (ABC CBA), after two untimed calls each."""
+    for fn in fns.values():
+        fn(arg), fn(arg)
+    times = {name: [] for name in fns}
+    for rep in range(repeats):
+        for name in (list(fns) if rep % 2 == 0 else list(reversed(fns))):
+            t0 = time.perf_counter()
+            fns[name](arg)
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def proc_status_kib(field: str, pid: int | str = "self") -> int | None:
     """A kB field of /proc/<pid>/status (VmHWM = peak RSS, VmRSS = current RSS)."""
     try:

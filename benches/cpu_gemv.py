@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _report  # noqa: E402
+from _measure import interleaved_medians  # noqa: E402
 from zoo.device import default_cache_dir  # noqa: E402
 from zoo.entrypoints.options import positive_int_list  # noqa: E402
 from zoo.layers import cpu_kernels, quant  # noqa: E402
@@ -83,21 +83,9 @@ def main() -> int:
     for rows in args.rows:
         x = torch.randn(rows, K).to(torch.bfloat16)
         active = {n: f for n, (f, _) in fns.items() if rows == 1 or n != "bf16 reduction"}
-        for f in active.values():
-            f(x), f(x)
-        times = {n: [] for n in active}
-        for rep in range(args.repeats):
-            for n in (list(active) if rep % 2 == 0 else list(reversed(active))):
-                t0 = time.perf_counter()
-                active[n](x)
-                times[n].append(time.perf_counter() - t0)
-        cells = []
-        for n in names:
-            if n not in active:
-                cells.append("–")
-                continue
-            med = sorted(times[n])[len(times[n]) // 2]
-            cells.append(f"{med * 1e3:.2f} ({LAYERS * N * K * fns[n][1] / med / 1e9:.0f} GB/s)")
+        medians = interleaved_medians(active, x, args.repeats)
+        cells = [f"{medians[n] * 1e3:.2f} ({LAYERS * N * K * fns[n][1] / medians[n] / 1e9:.0f} GB/s)"
+                 if n in medians else "–" for n in names]
         lines.append(f"| {rows} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     _report.emit("\n".join(lines), os.path.join(args.out, f"cpu_gemv-cpu-{dt.date.today().isoformat()}.md"))

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _report  # noqa: E402
+from _measure import interleaved_medians  # noqa: E402
 from zoo.entrypoints.options import positive_int_list  # noqa: E402
 from zoo.layers import linear as zoo_linear  # noqa: E402
 from zoo.layers import quant  # noqa: E402
@@ -83,20 +84,9 @@ def main() -> int:
              "| rows | " + " | ".join(fns) + " |", "| --- |" + " --- |" * len(fns)]
     for rows in args.rows:
         x = torch.randn(rows, K, dtype=torch.bfloat16)
-        times = {name: [] for name in fns}
-        for fn, _ in fns.values():
-            for _ in range(3):
-                fn(x)
-        for rep in range(args.repeats):
-            order = list(fns) if rep % 2 == 0 else list(reversed(fns))
-            for name in order:
-                t0 = time.perf_counter()
-                fns[name][0](x)
-                times[name].append(time.perf_counter() - t0)
-        cells = []
-        for name, (_, bytes_per) in fns.items():
-            med = sorted(times[name])[len(times[name]) // 2]
-            cells.append(f"{med * 1e3:.2f} ({N * K * bytes_per / med / 1e9:.0f} GB/s)")
+        medians = interleaved_medians({name: fn for name, (fn, _) in fns.items()}, x, args.repeats)
+        cells = [f"{medians[name] * 1e3:.2f} ({N * K * bytes_per / medians[name] / 1e9:.0f} GB/s)"
+                 for name, (_, bytes_per) in fns.items()]
         lines.append(f"| {rows} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     _report.emit("\n".join(lines), os.path.join(args.out, f"quantized_linear-cpu-{dt.date.today().isoformat()}.md"))

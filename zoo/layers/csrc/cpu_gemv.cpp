@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
@@ -71,6 +72,24 @@ inline float scalar_weight(const int8_t* w, int64_t k) { return static_cast<floa
 
 inline vfloat load_weight(const uint16_t* w) { return load_bf16(w); }
 inline vfloat load_weight(const int8_t* w) { return load_int8(w); }
+
+// fn(std::integral_constant<int, MB>{}, m0) for the rows of x in blocks of MB <= 8 rows from m0:
+// the kernels take the block's row count as a template argument (their accumulators' shape).
+template <typename Fn>
+void for_row_blocks(int64_t M, Fn&& fn) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: fn(std::integral_constant<int, 1>{}, m0); break;
+      case 2: fn(std::integral_constant<int, 2>{}, m0); break;
+      case 3: fn(std::integral_constant<int, 3>{}, m0); break;
+      case 4: fn(std::integral_constant<int, 4>{}, m0); break;
+      case 5: fn(std::integral_constant<int, 5>{}, m0); break;
+      case 6: fn(std::integral_constant<int, 6>{}, m0); break;
+      case 7: fn(std::integral_constant<int, 7>{}, m0); break;
+      default: fn(std::integral_constant<int, 8>{}, m0); break;
+    }
+  }
+}
 
 // RB output rows (W rows n .. n + RB) for M rows of x: out[m * ldo + r] = dot(x[m], w[r]).
 // Two chains per (m, r) pair hide the FMA latency; RB * M * 2 accumulators stay in registers.
@@ -141,21 +160,9 @@ void gemv_block_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t n0
 
 void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y,
                         int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int64_t mb = std::min<int64_t>(8, M - m0);
-    const uint16_t* xb = x + m0 * K;
-    float* yb = y + m0 * N;
-    switch (mb) {
-      case 1: gemv_block_bf16<1>(xb, K, w, n0, n1, yb, N); break;
-      case 2: gemv_block_bf16<2>(xb, K, w, n0, n1, yb, N); break;
-      case 3: gemv_block_bf16<3>(xb, K, w, n0, n1, yb, N); break;
-      case 4: gemv_block_bf16<4>(xb, K, w, n0, n1, yb, N); break;
-      case 5: gemv_block_bf16<5>(xb, K, w, n0, n1, yb, N); break;
-      case 6: gemv_block_bf16<6>(xb, K, w, n0, n1, yb, N); break;
-      case 7: gemv_block_bf16<7>(xb, K, w, n0, n1, yb, N); break;
-      default: gemv_block_bf16<8>(xb, K, w, n0, n1, yb, N); break;
-    }
-  }
+  for_row_blocks(M, [&](auto mb, int64_t m0) {
+    gemv_block_bf16<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N);
+  });
 }
 #endif
 
@@ -170,21 +177,7 @@ void gemv_block(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, f
 
 template <typename W>
 void gemv_dispatch(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const int64_t mb = std::min<int64_t>(8, M - m0);
-    const float* xb = x + m0 * K;
-    float* yb = y + m0 * N;
-    switch (mb) {
-      case 1: gemv_block<1>(xb, K, w, n0, n1, yb, N); break;
-      case 2: gemv_block<2>(xb, K, w, n0, n1, yb, N); break;
-      case 3: gemv_block<3>(xb, K, w, n0, n1, yb, N); break;
-      case 4: gemv_block<4>(xb, K, w, n0, n1, yb, N); break;
-      case 5: gemv_block<5>(xb, K, w, n0, n1, yb, N); break;
-      case 6: gemv_block<6>(xb, K, w, n0, n1, yb, N); break;
-      case 7: gemv_block<7>(xb, K, w, n0, n1, yb, N); break;
-      default: gemv_block<8>(xb, K, w, n0, n1, yb, N); break;
-    }
-  }
+  for_row_blocks(M, [&](auto mb, int64_t m0) { gemv_block<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N); });
 }
 
 // Output rows per parallel task: a multiple of 4 (the row blocks), large enough that a task
