@@ -158,11 +158,24 @@ void gemv_block_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t n0
   for (; n < n1; ++n) dot_rows_bf16<M, 1>(x, K, w + n * K, K, y + n, N);
 }
 
+// More than 4 rows of x: 8 rows of W at a time (8 x K bf16, in L1 / L2) meet x in blocks of at most
+// 4 rows, so W comes from memory once and each block keeps 4 x 4 accumulators in registers.
 void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y,
                         int64_t N) {
-  for_row_blocks(M, [&](auto mb, int64_t m0) {
-    gemv_block_bf16<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N);
-  });
+  const int64_t tile = M <= 4 ? n1 - n0 : 8;
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const uint16_t* xb = x + m0 * K;
+      float* yb = y + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: gemv_block_bf16<1>(xb, K, w, t0, t1, yb, N); break;
+        case 2: gemv_block_bf16<2>(xb, K, w, t0, t1, yb, N); break;
+        case 3: gemv_block_bf16<3>(xb, K, w, t0, t1, yb, N); break;
+        default: gemv_block_bf16<4>(xb, K, w, t0, t1, yb, N); break;
+      }
+    }
+  }
 }
 #endif
 
