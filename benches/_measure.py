@@ -55,6 +55,11 @@ def interleaved_medians(fns: dict, arg, repeats: int) -> dict[str, float]:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def ms_and_bandwidth(seconds: float, nbytes: float) -> str:
+    """A table cell: "3.87 (12 GB/s)" for a call of `seconds` that read `nbytes`."""
+    return f"{seconds * 1e3:.2f} ({nbytes / seconds / 1e9:.0f} GB/s)"
+
+
 def proc_status_kib(field: str, pid: int | str = "self") -> int | None:
     """A kB field of /proc/<pid>/status (VmHWM = peak RSS, VmRSS = current RSS)."""
     try:

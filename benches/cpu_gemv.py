@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _report  # noqa: E402
-from _measure import interleaved_medians  # noqa: E402
+from _measure import interleaved_medians, ms_and_bandwidth  # noqa: E402
 from zoo.device import default_cache_dir  # noqa: E402
 from zoo.entrypoints.options import positive_int_list  # noqa: E402
 from zoo.layers import cpu_kernels, quant  # noqa: E402
@@ -84,8 +84,7 @@ def main() -> int:
         x = torch.randn(rows, K).to(torch.bfloat16)
         active = {n: f for n, (f, _) in fns.items() if rows == 1 or n != "bf16 reduction"}
         medians = interleaved_medians(active, x, args.repeats)
-        cells = [f"{medians[n] * 1e3:.2f} ({LAYERS * N * K * fns[n][1] / medians[n] / 1e9:.0f} GB/s)"
-                 if n in medians else "–" for n in names]
+        cells = [ms_and_bandwidth(medians[n], LAYERS * N * K * fns[n][1]) if n in medians else "–" for n in names]
         lines.append(f"| {rows} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     _report.emit("\n".join(lines), os.path.join(args.out, f"cpu_gemv-cpu-{dt.date.today().isoformat()}.md"))

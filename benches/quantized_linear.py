@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import _report  # noqa: E402
-from _measure import interleaved_medians  # noqa: E402
+from _measure import interleaved_medians, ms_and_bandwidth  # noqa: E402
 from zoo.entrypoints.options import positive_int_list  # noqa: E402
 from zoo.layers import linear as zoo_linear  # noqa: E402
 from zoo.layers import quant  # noqa: E402
@@ -85,8 +85,7 @@ def main() -> int:
     for rows in args.rows:
         x = torch.randn(rows, K, dtype=torch.bfloat16)
         medians = interleaved_medians({name: fn for name, (fn, _) in fns.items()}, x, args.repeats)
-        cells = [f"{medians[name] * 1e3:.2f} ({N * K * bytes_per / medians[name] / 1e9:.0f} GB/s)"
-                 for name, (_, bytes_per) in fns.items()]
+        cells = [ms_and_bandwidth(medians[name], N * K * bytes_per) for name, (_, bytes_per) in fns.items()]
         lines.append(f"| {rows} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     _report.emit("\n".join(lines), os.path.join(args.out, f"quantized_linear-cpu-{dt.date.today().isoformat()}.md"))

@@ -29,7 +29,7 @@ MAX_ROWS = 8  # decode steps of up to this many sequences call the kernels (one 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_gemv.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
-_state: dict[str, object] = {"loaded": False, "tried": False, "error": None, "build_dir": None}
+_state: dict[str, object] = {"tried": False, "error": None, "build_dir": None}  # build_dir: loaded from there
 
 
 def _cpu_flags() -> str:
@@ -55,7 +55,7 @@ def load(cache_root: str) -> bool:
     """Build (once per host and source) and load the kernels; True when the ops are usable."""
     with _lock:
         if _state["tried"]:
-            return bool(_state["loaded"])
+            return available()
         _state["tried"] = True
         try:
             from torch.utils.cpp_extension import load as build_extension
@@ -65,18 +65,18 @@ def load(cache_root: str) -> bool:
             build_extension(name="zoo_cpu_gemv", sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                             build_directory=build_dir, is_python_module=False, verbose=False)
             _register_fakes()
-            _state["loaded"], _state["build_dir"] = True, build_dir
+            _state["build_dir"] = build_dir
         except Exception as e:  # noqa: BLE001 - any build or load failure leaves the other paths in use
             _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             log(f"zoo's CPU decode kernels are not available ({_state['error']}); one-row matmuls use "
                 "inductor's reduction / ATen's kernels")
-        return bool(_state["loaded"])
+        return available()
 
 
 def fingerprint() -> str | None:
     """What a compiled graph that calls the kernels depends on (part of the graph-cache key): the
     build's key, or None when they are not loaded."""
-    return os.path.basename(str(_state["build_dir"])) if _state["loaded"] else None
+    return os.path.basename(str(_state["build_dir"])) if available() else None
 
 
 def load_error() -> str | None:
@@ -86,7 +86,7 @@ def load_error() -> str | None:
 
 def available() -> bool:
     """Whether `load` succeeded in this process (read while tracing: no side effects)."""
-    return bool(_state["loaded"])
+    return _state["build_dir"] is not None
 
 
 def _register_fakes() -> None:

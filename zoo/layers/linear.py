@@ -32,20 +32,19 @@ from zoo.layers import cpu_kernels, quant
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but a single token on CPU under torch.compile runs a decode kernel instead.
+    """F.linear, but a decode step on CPU under torch.compile runs a decode kernel instead.
 
-    Batch-1 decode multiplies one row by every weight matrix: a GEMV, bound by reading the weights,
-    for which ATen's kernels are slow on CPU (22-28 GB/s where the memory gives 40-60). A bf16
-    weight goes to zoo's kernel (zoo.layers.cpu_kernels) when it is built; otherwise, and for fp32,
-    the product becomes a reduction over (x * W).sum(-1) that inductor fuses (41-43 GB/s in a
-    microbenchmark; x is upcast, W is not, so freezing has no weight-only op to constant-fold into
-    an fp32 copy). With more rows the matmul kernels win, so only one-row calls take these paths.
-    Eager mode keeps F.linear."""
+    Decode multiplies one token per sequence by every weight matrix, bound by reading the weights,
+    for which ATen's kernels are slow on CPU (22-28 GB/s where the memory gives 40-60). With bf16
+    weights, up to cpu_kernels.MAX_ROWS such rows go to zoo's kernel (zoo.layers.cpu_kernels) when
+    it is built. Otherwise a single row (fp32, or no kernel) becomes a reduction over
+    (x * W).sum(-1) that inductor fuses (41-43 GB/s in a microbenchmark; x is upcast, W is not, so
+    freezing has no weight-only op to constant-fold into an fp32 copy), and more rows keep the
+    matmul. Eager mode keeps F.linear."""
     if x.device.type != "cpu" or not torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
-    one_token_each = x.dim() < 3 or x.shape[-2] == 1  # decode (see quant.weight_only_matmul)
     rows = x.numel() // x.shape[-1]
-    if (one_token_each and rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.bfloat16
+    if (quant.one_token_each(x) and rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.bfloat16
             and x.dtype == torch.bfloat16 and cpu_kernels.available()):
         y = torch.ops.zoo.gemv_bf16(x.reshape(rows, -1), weight)  # [rows, N]
     elif rows == 1:

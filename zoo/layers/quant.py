@@ -110,16 +110,21 @@ def pack_int4_for_cpu(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> di
             "qgroup_size": torch.tensor(group, dtype=torch.int64)}
 
 
+def one_token_each(x: torch.Tensor) -> bool:
+    """Whether a matmul input [..., K] holds one token per sequence (decode, or the LM head on the
+    last tokens), the case the few-row kernels are for. A prefill's [B, S, K] never counts, whatever
+    S: with dynamic lengths S is a dynamic dimension, and branching on B * S would specialize the
+    graph to one length."""
+    return x.dim() < 3 or x.shape[-2] == 1
+
+
 def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tensor], packed_for_cpu: bool) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] with W held quantized in `params` (a layer's run-time tensors)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     qweight = params["qweight"]
-    # Few rows = one token per sequence (decode, or the LM head on the last tokens) for a few
-    # sequences. A prefill's [B, S, K] never counts, whatever S: with dynamic lengths S is a dynamic
-    # dimension, and branching on B * S would specialize the graph to one length.
-    one_token_each = x.dim() < 3 or x.shape[-2] == 1
-    few_rows = one_token_each and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
-    if mode == "int8" and x.device.type == "cpu" and x2.shape[0] == 1 and one_token_each and cpu_kernels.available():
+    decode_rows = one_token_each(x)
+    few_rows = decode_rows and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
+    if mode == "int8" and x.device.type == "cpu" and x2.shape[0] == 1 and decode_rows and cpu_kernels.available():
         y = torch.ops.zoo.gemv_int8(x2, qweight, params["scales"])  # zoo.layers.cpu_kernels
     elif mode == "int8" and x.device.type == "cpu" and few_rows:
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])

@@ -73,22 +73,20 @@ inline float scalar_weight(const int8_t* w, int64_t k) { return static_cast<floa
 inline vfloat load_weight(const uint16_t* w) { return load_bf16(w); }
 inline vfloat load_weight(const int8_t* w) { return load_int8(w); }
 
-// fn(std::integral_constant<int, MB>{}, m0) for the rows of x in blocks of MB <= 8 rows from m0:
-// the kernels take the block's row count as a template argument (their accumulators' shape).
-template <typename Fn>
-void for_row_blocks(int64_t M, Fn&& fn) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: fn(std::integral_constant<int, 1>{}, m0); break;
-      case 2: fn(std::integral_constant<int, 2>{}, m0); break;
-      case 3: fn(std::integral_constant<int, 3>{}, m0); break;
-      case 4: fn(std::integral_constant<int, 4>{}, m0); break;
-      case 5: fn(std::integral_constant<int, 5>{}, m0); break;
-      case 6: fn(std::integral_constant<int, 6>{}, m0); break;
-      case 7: fn(std::integral_constant<int, 7>{}, m0); break;
-      default: fn(std::integral_constant<int, 8>{}, m0); break;
-    }
+// fn(std::integral_constant<int, MB>{}, m0) for the rows of x in blocks of MB <= MaxRows rows from
+// m0: the kernels take the block's row count as a template argument (their accumulators' shape).
+template <int MB, int MaxRows, typename Fn>
+inline void call_row_block(int64_t rows, int64_t m0, Fn& fn) {
+  if (rows == MB) {
+    fn(std::integral_constant<int, MB>{}, m0);
+  } else if constexpr (MB < MaxRows) {
+    call_row_block<MB + 1, MaxRows>(rows, m0, fn);
   }
+}
+
+template <int MaxRows, typename Fn>
+void for_row_blocks(int64_t M, Fn&& fn) {
+  for (int64_t m0 = 0; m0 < M; m0 += MaxRows) call_row_block<1, MaxRows>(std::min<int64_t>(MaxRows, M - m0), m0, fn);
 }
 
 // RB output rows (W rows n .. n + RB) for M rows of x: out[m * ldo + r] = dot(x[m], w[r]).
@@ -128,7 +126,7 @@ inline void dot_rows(const float* x, int64_t K, const W* w, int64_t ldw, float* 
 // lanes (exact products, fp32 sums), so the weights need no conversion and a step costs half
 // the FMAs of the fp32 path. x stays bf16 (the model's activations are).
 template <int M, int RB>
-inline void dot_rows_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ldw, float* out, int64_t ldo) {
+inline void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ldw, float* out, int64_t ldo) {
   __m512 acc[M][RB];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -149,15 +147,26 @@ inline void dot_rows_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64
     }
   }
 }
+#endif
 
-template <int M>
-void gemv_block_bf16(const uint16_t* x, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  constexpr int RB = M <= 4 ? 4 : 2;  // RB * M accumulators + M x vectors fit the 32 registers
-  int64_t n = n0;
-  for (; n + RB <= n1; n += RB) dot_rows_bf16<M, RB>(x, K, w + n * K, K, y + n, N);
-  for (; n < n1; ++n) dot_rows_bf16<M, 1>(x, K, w + n * K, K, y + n, N);
+// Output rows per block for M rows of x, so that the accumulators (RB * M, two chains each on the
+// fp32 path) and the M x vectors stay in the 32 vector registers. The bf16 path sees M <= 4.
+template <int M, typename X>
+constexpr int rows_per_block() {
+  if constexpr (std::is_same_v<X, uint16_t>) return 4;
+  return M <= 2 ? 4 : (M <= 4 ? 2 : 1);
 }
 
+// y [M, N] (fp32) = x [M, K] @ W^T for rows [n0, n1) of W: x fp32 (any W), or bf16 with bf16 W.
+template <int M, typename X, typename W>
+void gemv_block(const X* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
+  constexpr int RB = rows_per_block<M, X>();
+  int64_t n = n0;
+  for (; n + RB <= n1; n += RB) dot_rows<M, RB>(x, K, w + n * K, K, y + n, N);
+  for (; n < n1; ++n) dot_rows<M, 1>(x, K, w + n * K, K, y + n, N);
+}
+
+#if defined(__AVX512BF16__)
 // More than 4 rows of x: 8 rows of W at a time (8 x K bf16, in L1 / L2) meet x in blocks of at most
 // 4 rows, so W comes from memory once and each block keeps 4 x 4 accumulators in registers.
 void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y,
@@ -165,32 +174,16 @@ void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
   const int64_t tile = M <= 4 ? n1 - n0 : 8;
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = std::min(n1, t0 + tile);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const uint16_t* xb = x + m0 * K;
-      float* yb = y + m0 * N;
-      switch (std::min<int64_t>(4, M - m0)) {
-        case 1: gemv_block_bf16<1>(xb, K, w, t0, t1, yb, N); break;
-        case 2: gemv_block_bf16<2>(xb, K, w, t0, t1, yb, N); break;
-        case 3: gemv_block_bf16<3>(xb, K, w, t0, t1, yb, N); break;
-        default: gemv_block_bf16<4>(xb, K, w, t0, t1, yb, N); break;
-      }
-    }
+    for_row_blocks<4>(M, [&](auto mb, int64_t m0) {
+      gemv_block<decltype(mb)::value>(x + m0 * K, K, w, t0, t1, y + m0 * N, N);
+    });
   }
 }
 #endif
 
-// y [M, N] (fp32) = x32 [M, K] @ W^T for rows [n0, n1) of W; M <= 8 per call.
-template <int M, typename W>
-void gemv_block(const float* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  constexpr int RB = M == 1 ? 4 : (M == 2 ? 4 : (M <= 4 ? 2 : 1));
-  int64_t n = n0;
-  for (; n + RB <= n1; n += RB) dot_rows<M, RB>(x, K, w + n * K, K, y + n, N);
-  for (; n < n1; ++n) dot_rows<M, 1>(x, K, w + n * K, K, y + n, N);
-}
-
 template <typename W>
 void gemv_dispatch(const float* x, int64_t M, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  for_row_blocks(M, [&](auto mb, int64_t m0) { gemv_block<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N); });
+  for_row_blocks<8>(M, [&](auto mb, int64_t m0) { gemv_block<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N); });
 }
 
 // Output rows per parallel task: a multiple of 4 (the row blocks), large enough that a task
