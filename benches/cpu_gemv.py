@@ -9,7 +9,9 @@ so the 370 MB of bf16 do not sit in the cache; x is bf16. Variants, interleaved 
   bf16 zoo         torch.ops.zoo.gemv_bf16
   int8 ATen        aten._weight_int8pack_mm (per-channel scales)
   int8 zoo         torch.ops.zoo.gemv_int8
-  int4 ATen        aten._weight_int4pack_mm_for_cpu (groups of 64), what zoo's int4 decode calls
+  int4 ATen        aten._weight_int4pack_mm_for_cpu (groups of 64; bf16 scale and offset per group)
+  int4 zoo         torch.ops.zoo.gemv_int4 (zoo's stored form with bf16 scale and offset per group,
+                   x quantized to int8 per 64 columns), what zoo's int4 decode calls on AVX512_VNNI
 The reduction here gets x as a graph input; inside a model, inductor inlines the input's producer
 (the RMSNorm) into it and recomputes it per output row, which this microbenchmark does not show.
 
@@ -44,7 +46,8 @@ def variants() -> dict:
     floats = [torch.randn(N, K) * 0.02 for _ in range(LAYERS)]
     bf = [w.to(torch.bfloat16) for w in floats]
     int8 = [quant.quantize_int8(w) for w in floats]
-    int4 = [quant.pack_int4_for_cpu(quant.quantize_int4(w, GROUP), torch.bfloat16) for w in floats]
+    int4_stored = [quant.quantize_int4(w, GROUP) for w in floats]
+    int4 = [quant.pack_int4_for_cpu(d, torch.bfloat16) for d in int4_stored]
     del floats
     s16 = [d["scales"].to(torch.bfloat16) for d in int8]
 
@@ -61,6 +64,11 @@ def variants() -> dict:
         "int4 ATen": (lambda x: sum(torch.ops.aten._weight_int4pack_mm_for_cpu(x, p["qweight"], GROUP,
                                                                              p["scales_and_zeros"]) for p in int4), 0.5),
     }
+    if cpu_kernels.has_int4():
+        int4_bf16 = [{leaf: t.to(torch.bfloat16) if leaf != "qweight" else t for leaf, t in d.items()}
+                     for d in int4_stored]
+        table["int4 zoo"] = (lambda x: sum(torch.ops.zoo.gemv_int4(x, d["qweight"], d["scales"], d["zeros"])
+                                           for d in int4_bf16), 0.5)
     return table
 
 
@@ -78,7 +86,8 @@ def main() -> int:
     lines = [f"# Decode matmuls on CPU: zoo's kernels vs the alternatives ({dt.date.today()})", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; `benches/cpu_gemv.py`. {LAYERS} different "
              f"{K} -> {N} weights in turn (no cache reuse), bf16 x; median ms for all {LAYERS} (interleaved); "
-             "GB/s = the weights' bytes / time.", "",
+             "GB/s = the weights' bytes / time (int4: the nibbles alone; both layouts add 1/16 for their bf16 "
+             "scales and offsets).", "",
              "| rows | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for rows in args.rows:
         x = torch.randn(rows, K).to(torch.bfloat16)

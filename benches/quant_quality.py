@@ -4,9 +4,10 @@
    greedy tokens of int8 / int4 against bf16 on the Zen prompts, 32 new tokens each — how many
    prompts come out identical, and the share of positions that agree up to the first difference.
 2. The random-weight ~1 B Llama (benches/_models.py "medium"): logits per step of bf16, int8 and
-   int4 (activations fp32 for the quantized ones, so only the weights differ) against the fp32
-   model, over a prefill and decode steps fed the fp32 model's greedy tokens: cosine similarity
-   and max |diff| of the logits, and how often the argmax agrees.
+   int4 (activations fp32, so only the weights differ; then int8 / int4 in a bf16 run, as deployed,
+   int4 decode in zoo's kernel with int8 activations) against the fp32 model, over a prefill and
+   decode steps fed the fp32 model's greedy tokens: cosine similarity and max |diff| of the
+   logits, and how often the argmax agrees.
 
 Usage: .venv/bin/python benches/quant_quality.py [--steps 16] [--skip-medium]
 Writes benches/results/quant_quality-cpu-<date>.md.
@@ -90,13 +91,19 @@ def medium_logits(steps: int) -> list[str]:
     del fp32
     lines = ["## Random-weight ~1 B Llama: logits against fp32", "",
              f"A 64-token random prompt, then {steps - 1} decode steps fed the fp32 model's greedy tokens "
-             f"({steps} logit rows of 32000). Quantized variants run fp32 activations, so only the weights differ; "
-             "bf16 (float weights) is the yardstick. Random weights make the logits nearly flat, so argmax agreement "
-             "here is a harsh measure (the trained tiny models above show the effect on text).", "",
+             f"({steps} logit rows of 32000). The first quantized variants run fp32 activations, so only the weights "
+             "differ; bf16 (float weights) is the yardstick. The `bf16 run` rows are what a bf16 deployment computes: "
+             "bf16 activations, and for int4 zoo's CPU decode kernel where the CPU has AVX512_VNNI (decode steps "
+             "quantize the activations to int8 per 64 columns; the prefill row dequantizes). Random weights make the "
+             "logits nearly flat, so argmax agreement here is a harsh measure (the trained tiny models above show the "
+             "effect on text).", "",
              "| variant | cosine similarity (min / mean) | max abs diff (max over steps) | mean abs diff | argmax equal |",
              "| --- | --- | --- | --- | --- |"]
-    for label, options in (("bf16", dict(dtype="bfloat16")), ("int8", dict(dtype="float32", quantize="int8")),
-                           ("int4 (groups of 64)", dict(dtype="float32", quantize="int4"))):
+    variants = (("bf16", dict(dtype="bfloat16")), ("int8", dict(dtype="float32", quantize="int8")),
+                ("int4 (groups of 64)", dict(dtype="float32", quantize="int4")),
+                ("int8, bf16 run", dict(dtype="bfloat16", quantize="int8")),
+                ("int4 (groups of 64), bf16 run", dict(dtype="bfloat16", quantize="int4")))
+    for label, options in variants:
         model = zoo.load(path, **options, **kwargs)
         got = _step_logits(model, prompt, tokens[:-1])
         del model

@@ -97,7 +97,7 @@ def load_rank(settings: LoadSettings, tp: TPContext) -> "Model":
     tokenizer = load_tokenizer(path)
     module = _build_module(spec, config, tp)
     load_weights(module, path, plan.dtype, plan.device, check_finite=settings.check_weights)
-    pack_quantized_layers(module, plan.dtype)  # int4 into the CPU kernel's layout
+    pack_quantized_layers(module, plan.dtype, settings.cache_dir or default_cache_dir())  # int4: the CPU kernel's layout
     module.eval()
     cache = KVCache(config.num_layers, plan.max_batch_size, module.num_local_kv_heads, plan.max_seq_len,
                     config.head_dim, plan.dtype, plan.device, block_size=plan.kv_block_size,

@@ -1,6 +1,7 @@
-"""zoo's own CPU decode matmuls (csrc/cpu_gemv.cpp): torch ops `zoo::gemv_bf16` and
-`zoo::gemv_int8`, y [M, N] = x [M, K] @ W^T for the few rows of a decode step, with the weight
-held bf16 or int8 (one scale per output row).
+"""zoo's own CPU decode matmuls (csrc/cpu_gemv.cpp): torch ops `zoo::gemv_bf16`, `zoo::gemv_int8`
+and `zoo::gemv_int4`, y [M, N] = x [M, K] @ W^T for the few rows of a decode step, with the weight
+held bf16, int8 (one scale per output row) or int4 (zoo's stored form: a scale and an offset per
+group of columns; on AVX512_VNNI hosts, with x quantized to int8 per 64 columns for the call).
 
 Why hand-written (benches/results/cpu_gemv-cpu-*.md has the numbers): in a compiled batch-1 step,
 inductor fuses the producer of a matmul's input (the RMSNorm, the embedding lookup) into the
@@ -8,7 +9,9 @@ reduction it emits for a one-row matmul, and recomputes it for every output row;
 reads its weights at half the memory's speed, and its int8 kernel reads them below it. These
 kernels are extern calls for inductor (their input is computed once), read the weights once for
 all rows of x, and multiply bf16 pairs with AVX512_BF16's dot-product instruction where the CPU
-has it (fp32 FMAs on AVX2 / AVX-512 otherwise).
+has it (fp32 FMAs on AVX2 / AVX-512 otherwise); int8 weights stream one row at a time. For int4,
+ATen's kernel is bound by its unpacking and float multiplies; gemv_int4 takes AVX512_VNNI integer
+dot products instead, which is why it quantizes the activations (docs/quantization.md).
 
 The source is built on first use for the host's CPU (`-march=native`, about 10 s with the
 compiler inductor already needs) into `<cache root>/kernels/<hash of source, torch, flags, CPU>`,
@@ -29,7 +32,8 @@ MAX_ROWS = 8  # decode steps of up to this many sequences call the kernels (one 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_gemv.cpp")
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
-_state: dict[str, object] = {"tried": False, "error": None, "build_dir": None}  # build_dir: loaded from there
+# build_dir: loaded from there; int4: whether the build has gemv_int4 (None: not asked yet)
+_state: dict[str, object] = {"tried": False, "error": None, "build_dir": None, "int4": None}
 
 
 def _cpu_flags() -> str:
@@ -89,10 +93,18 @@ def available() -> bool:
     return _state["build_dir"] is not None
 
 
+def has_int4() -> bool:
+    """Whether `zoo::gemv_int4` is usable: the kernels are loaded and were built for a CPU with
+    AVX512_VNNI (its integer dot products)."""
+    if _state.get("int4") is None and available():
+        _state["int4"] = bool(torch.ops.zoo.has_gemv_int4())
+    return bool(_state.get("int4"))
+
+
 def _register_fakes() -> None:
     """Shapes for torch.compile's fake tensors: y [M, N] in x's dtype."""
     def fake(x, weight, *_):
         return x.new_empty(x.shape[0], weight.shape[0])
 
-    for name in ("zoo::gemv_bf16", "zoo::gemv_int8"):
+    for name in ("zoo::gemv_bf16", "zoo::gemv_int8", "zoo::gemv_int4"):
         torch.library.register_fake(name)(fake)

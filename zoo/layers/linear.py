@@ -128,8 +128,18 @@ class QuantizableLinear(nn.Linear):
         return quant.quantize(weight, self.quant_mode, self.group_size)
 
     def pack_for_device(self, dtype: torch.dtype) -> None:
-        """After loading: int4 on CPU goes into the CPU kernel's layout (when its rows fit it)."""
+        """After loading: int4 on CPU goes into the layout of the decode kernel that will run it.
+        In a bf16 run that is zoo's `gemv_int4` when it is loaded and takes the layer (the stored
+        form with bf16 scales). It quantizes the activations to int8 for the call (see
+        quant.weight_only_matmul), so fp32 runs, which compute exactly what the dequantized weights
+        say, keep ATen's kernel (when its rows fit it), or dequantize + matmul from the stored form."""
         if self.quant_mode != "int4" or self.qweight.device.type != "cpu":
+            return
+        if (dtype == torch.bfloat16 and cpu_kernels.has_int4()
+                and quant.zoo_int4_kernel_fits(self.in_features, self.group_size)):
+            stored = {leaf: getattr(self, leaf).data for leaf in ("qweight", "scales", "zeros")}
+            for leaf, t in quant.int4_for_zoo_kernel(stored).items():
+                setattr(self, leaf, nn.Parameter(t, requires_grad=False))
             return
         if not quant.cpu_int4_kernel_fits(self.qweight.shape[0]):
             return  # dequantize + matmul from the stored form
@@ -175,10 +185,14 @@ def quantize_linear_layers(model: nn.Module, mode: str, group_size: int, lm_head
             module.quantize_weights(layer_mode, group_size)
 
 
-def pack_quantized_layers(model: nn.Module, dtype: torch.dtype) -> None:
-    for module in model.modules():
-        if isinstance(module, QuantizableLinear) and module.quant_mode is not None:
-            module.pack_for_device(dtype)
+def pack_quantized_layers(model: nn.Module, dtype: torch.dtype, kernel_cache_root: str) -> None:
+    """Put every quantized layer in its device's run-time layout. bf16 int4 on CPU loads zoo's CPU
+    kernels first (built into kernel_cache_root once per host): whether they load decides the layout."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizableLinear) and m.quant_mode is not None]
+    if dtype == torch.bfloat16 and any(m.quant_mode == "int4" and m.qweight.device.type == "cpu" for m in layers):
+        cpu_kernels.load(kernel_cache_root)
+    for module in layers:
+        module.pack_for_device(dtype)
 
 
 

@@ -11,10 +11,12 @@ loading) replaces a checkpoint's `<name>.weight` W [N, K] with:
 The group size of a tensor is K / scales.shape[1], so the tensors describe themselves.
 
 Kernels (measured in benches/results/quantized_linear-cpu-*.md and cpu_gemv-cpu-*.md): on CPU one
-row of int8 (batch-1 decode) runs zoo's kernel (zoo.layers.cpu_kernels) when it is built; a few
-rows run ATen's weight-only kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, which read
-the int8 / int4 weights and convert inside the kernel: no full-precision copy of the weight is
-made. With many rows (prefill) the weight is dequantized once per call and multiplied by the
+row of int8 (batch-1 decode) runs zoo's kernel (zoo.layers.cpu_kernels) when it is built, and so
+do up to 16 decode rows of int4 in a bf16 run (`gemv_int4`, on the stored form with bf16 scales:
+it quantizes the activations to int8, so fp32 runs keep ATen's exact kernel); other few-row
+matmuls run ATen's weight-only kernels, `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`
+(int4 in ATen's packing, made at load). All read the int8 / int4 weights and convert inside the
+kernel: no full-precision copy of the weight is made. With many rows (prefill) the weight is dequantized once per call and multiplied by the
 float matmul, because those kernels are built for few rows (at 256 rows they ran 4.5x slower than
 dequantize + matmul). On other devices the dequantize + matmul form is used for every call.
 """
@@ -98,6 +100,21 @@ def cpu_int4_kernel_fits(out_features: int) -> bool:
     return out_features % 16 == 0  # ATen's CPU int4 packing works on blocks of 16 output rows
 
 
+def zoo_int4_kernel_fits(in_features: int, group_size: int) -> bool:
+    """Whether zoo's `gemv_int4` takes a layer: it works on chunks of 64 input columns, a power of
+    two of them per group."""
+    chunks = group_size // 64
+    return in_features % group_size == 0 and group_size % 64 == 0 and chunks & (chunks - 1) == 0
+
+
+def int4_for_zoo_kernel(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain int4 -> what zoo's `gemv_int4` reads in a bf16 run: the same nibbles, the scales and
+    zeros in bf16 (a sixteenth of a byte per weight read instead of an eighth; ATen's CPU packing
+    holds them in the activation dtype too)."""
+    return {"qweight": stored["qweight"], "scales": stored["scales"].to(torch.bfloat16).contiguous(),
+            "zeros": stored["zeros"].to(torch.bfloat16).contiguous()}
+
+
 def pack_int4_for_cpu(stored: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Plain int4 -> the layout of ATen's CPU kernel: qweight in its block packing [N, K/2],
     scales_and_zeros [K/G, N, 2] in the activation dtype, and the group size as a 0-d int64 tensor
@@ -126,6 +143,9 @@ def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tenso
     few_rows = decode_rows and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
     if mode == "int8" and x.device.type == "cpu" and x2.shape[0] == 1 and decode_rows and cpu_kernels.available():
         y = torch.ops.zoo.gemv_int8(x2, qweight, params["scales"])  # zoo.layers.cpu_kernels
+    elif mode == "int4" and x.device.type == "cpu" and not packed_for_cpu and few_rows and cpu_kernels.has_int4() \
+            and zoo_int4_kernel_fits(x2.shape[1], x2.shape[1] // params["scales"].shape[1]):
+        y = torch.ops.zoo.gemv_int4(x2, qweight, params["scales"], params["zeros"])  # zoo.layers.cpu_kernels
     elif mode == "int8" and x.device.type == "cpu" and few_rows:
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
     elif packed_for_cpu and few_rows:
