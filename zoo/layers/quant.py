@@ -143,8 +143,10 @@ def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tenso
     few_rows = decode_rows and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
     if mode == "int8" and x.device.type == "cpu" and x2.shape[0] == 1 and decode_rows and cpu_kernels.available():
         y = torch.ops.zoo.gemv_int8(x2, qweight, params["scales"])  # zoo.layers.cpu_kernels
-    elif mode == "int4" and x.device.type == "cpu" and not packed_for_cpu and few_rows and cpu_kernels.has_int4() \
-            and zoo_int4_kernel_fits(x2.shape[1], x2.shape[1] // params["scales"].shape[1]):
+    elif (mode == "int4" and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not packed_for_cpu and few_rows
+          and cpu_kernels.has_int4() and zoo_int4_kernel_fits(x2.shape[1], x2.shape[1] // params["scales"].shape[1])):
+        # the rule pack_for_device laid the layer out by: bf16 runs only (an fp32 run's layer that
+        # ATen's packing does not take is in the stored form too, and must stay exact)
         y = torch.ops.zoo.gemv_int4(x2, qweight, params["scales"], params["zeros"])  # zoo.layers.cpu_kernels
     elif mode == "int8" and x.device.type == "cpu" and few_rows:
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
