@@ -65,8 +65,8 @@ def variants() -> dict:
         "int8 dequant": (int8_dequant, 1.0),
         "int4 kernel": (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4_params["qweight"], GROUP, sz), 0.5),
         "int4 dequant": (int4_dequant, 0.5),
-        "zoo int8": (lambda x: quant.weight_only_matmul(x, "int8", int8_params, False), 1.0),
-        "zoo int4": (lambda x: quant.weight_only_matmul(x, "int4", int4_params, True), 0.5),
+        "zoo int8": (lambda x: quant.weight_only_matmul(x, "int8", int8_params, quant.STORED), 1.0),
+        "zoo int4": (lambda x: quant.weight_only_matmul(x, "int4", int4_params, quant.ATEN_INT4), 0.5),
     }
     return {name: (torch.compile(fn, fullgraph=True, dynamic=False), bytes_per) for name, (fn, bytes_per) in table.items()}
 

@@ -103,6 +103,22 @@ def test_bad_shapes_are_refused_by_name():
             torch.ops.zoo.gemv_int4(torch.zeros(1, 128), q, torch.ones(8, 1), torch.zeros(8, 1))
 
 
+def test_int4_layout_follows_the_run_dtype_and_the_kernels_shapes():
+    """One rule decides an int4 layer's layout (and so its kernel): zoo's form only in bf16 runs on
+    CPU, ATen's packing where its 16-row blocks fit, the stored form otherwise; an fp32 run's layer
+    ATen does not take stays stored, and its matmul is exact."""
+    zoo_form = quant.ZOO_INT4 if cpu_kernels.has_int4() else quant.ATEN_INT4
+    assert quant.int4_layout("cpu", torch.bfloat16, (48, 128), 64) == zoo_form
+    assert quant.int4_layout("cpu", torch.float32, (48, 128), 64) == quant.ATEN_INT4
+    assert quant.int4_layout("cpu", torch.float32, (40, 128), 64) == quant.STORED  # 40 rows: not 16-row blocks
+    assert quant.int4_layout("cpu", torch.bfloat16, (48, 96), 32) == quant.ATEN_INT4  # 32-column groups
+    assert quant.int4_layout("cuda", torch.bfloat16, (48, 128), 64) == quant.STORED
+    stored = quant.quantize_int4(torch.randn(40, 128), 64)
+    x = torch.randn(2, 1, 128)
+    want = x @ quant.dequantize(stored, torch.float32).T
+    assert torch.allclose(quant.weight_only_matmul(x, "int4", stored, quant.STORED), want, atol=1e-5)
+
+
 @pytest.mark.compiled
 def test_a_compiled_one_row_bf16_matmul_calls_the_kernel():
     w = torch.randn(48, 64).to(torch.bfloat16)
@@ -120,7 +136,7 @@ def test_compiled_int4_decode_rows_call_the_kernel():
     if not cpu_kernels.has_int4():
         pytest.skip("zoo::gemv_int4 needs AVX512_VNNI")
     params = quant.int4_for_zoo_kernel(quant.quantize_int4(torch.randn(48, 128), 64))
-    fn = torch.compile(lambda x: quant.weight_only_matmul(x, "int4", params, False), fullgraph=True)
+    fn = torch.compile(lambda x: quant.weight_only_matmul(x, "int4", params, quant.ZOO_INT4), fullgraph=True)
     x = torch.randn(3, 1, 128).to(torch.bfloat16)
     y, code = run_and_get_code(fn, x)
     assert "gemv_int4" in "\n".join(code)
@@ -143,8 +159,8 @@ def test_compiled_bf16_model_matches_eager(checkpoint, tmp_path, quantize):
     if quantize and cpu_kernels.has_int4():
         # qkv reads 64 features (groups of 64: zoo's form); down_proj 160 (groups of 32: ATen's packing)
         layer = model.module.model.layers[0].self_attn.qkv_proj
-        assert not layer.packed_for_cpu and layer.scales.dtype == torch.bfloat16
-        assert model.module.model.layers[0].mlp.down_proj.packed_for_cpu
+        assert layer.layout == quant.ZOO_INT4 and layer.scales.dtype == torch.bfloat16
+        assert model.module.model.layers[0].mlp.down_proj.layout == quant.ATEN_INT4
     assert model.engine.runner.graph_cache.fields["compile_config"]["cpu_kernels"] == cpu_kernels.fingerprint()
     runs = [m.engine for m in (model, eager)]
     logits = []

@@ -65,11 +65,11 @@ def test_weight_only_matmul_equals_matmul_with_the_dequantized_weight(mode, rows
     w, x = torch.randn(128, 256), torch.randn(rows, 256).to(dtype)
     stored = quant.quantize(w, mode, 64)
     params = {k: v.to(dtype) if v.is_floating_point() else v for k, v in stored.items()}
-    packed = mode == "int4"
-    if packed:
+    layout = quant.ATEN_INT4 if mode == "int4" else quant.STORED
+    if layout == quant.ATEN_INT4:
         params = quant.pack_int4_for_cpu(stored, dtype)
     want = x.float() @ quant.dequantize(stored, torch.float32).t()
-    got = quant.weight_only_matmul(x, mode, params, packed).float()
+    got = quant.weight_only_matmul(x, mode, params, layout).float()
     tol = 1e-4 if dtype == torch.float32 else 0.02
     assert (got - want).abs().max().item() <= tol * want.abs().max().item()
 

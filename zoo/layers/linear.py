@@ -66,7 +66,7 @@ class QuantizableLinear(nn.Linear):
 
     quant_mode: str | None = None  # None: a float `weight`; else "int8" | "int4"
     group_size: int = 0  # int4: input columns per scale
-    packed_for_cpu = False  # int4 held in the layout of ATen's CPU kernel (pack_quantized_layers)
+    layout = quant.STORED  # how the quantized tensors are laid out at run time (pack_for_device)
 
     def weight_pieces(self) -> list[Piece]:
         raise NotImplementedError
@@ -128,38 +128,31 @@ class QuantizableLinear(nn.Linear):
         return quant.quantize(weight, self.quant_mode, self.group_size)
 
     def pack_for_device(self, dtype: torch.dtype) -> None:
-        """After loading: int4 on CPU goes into the layout of the decode kernel that will run it.
-        In a bf16 run that is zoo's `gemv_int4` when it is loaded and takes the layer (the stored
-        form with bf16 scales). It quantizes the activations to int8 for the call (see
-        quant.weight_only_matmul), so fp32 runs, which compute exactly what the dequantized weights
-        say, keep ATen's kernel (when its rows fit it), or dequantize + matmul from the stored form."""
-        if self.quant_mode != "int4" or self.qweight.device.type != "cpu":
+        """After loading: int4 goes into the layout of the decode kernel that will run it
+        (quant.int4_layout): zoo's form (bf16 scales and zeros) or ATen's CPU packing."""
+        if self.quant_mode != "int4":
             return
-        if (dtype == torch.bfloat16 and cpu_kernels.has_int4()
-                and quant.zoo_int4_kernel_fits(self.in_features, self.group_size)):
-            stored = {leaf: getattr(self, leaf).data for leaf in ("qweight", "scales", "zeros")}
+        self.layout = quant.int4_layout(self.qweight.device.type, dtype, (self.out_features, self.in_features),
+                                        self.group_size)
+        stored = {leaf: getattr(self, leaf).data for leaf in ("qweight", "scales", "zeros")}
+        if self.layout == quant.ZOO_INT4:
             for leaf, t in quant.int4_for_zoo_kernel(stored).items():
                 setattr(self, leaf, nn.Parameter(t, requires_grad=False))
-            return
-        if not quant.cpu_int4_kernel_fits(self.qweight.shape[0]):
-            return  # dequantize + matmul from the stored form
-        packed = quant.pack_int4_for_cpu({leaf: getattr(self, leaf).data for leaf in ("qweight", "scales", "zeros")},
-                                         dtype)
-        del self.qweight, self.scales, self.zeros
-        for leaf in ("qweight", "scales_and_zeros"):
-            self.register_parameter(leaf, nn.Parameter(packed[leaf], requires_grad=False))
-        self.register_buffer("qgroup_size", packed["qgroup_size"], persistent=False)  # not in checkpoints
-        self.packed_for_cpu = True
+        elif self.layout == quant.ATEN_INT4:
+            packed = quant.pack_int4_for_cpu(stored, dtype)
+            del self.qweight, self.scales, self.zeros
+            for leaf in ("qweight", "scales_and_zeros"):
+                self.register_parameter(leaf, nn.Parameter(packed[leaf], requires_grad=False))
+            self.register_buffer("qgroup_size", packed["qgroup_size"], persistent=False)  # not in checkpoints
 
     def quantized_params(self) -> dict[str, torch.Tensor]:
-        names = ("qweight", "scales_and_zeros", "qgroup_size") if self.packed_for_cpu else quant.stored_leaves(self.quant_mode)
-        return {leaf: getattr(self, leaf) for leaf in names}
+        return {leaf: getattr(self, leaf) for leaf in quant.layout_leaves(self.quant_mode, self.layout)}
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., K] @ W^T (+ bias) -> [..., N], with the float weight or its quantized form."""
         if self.quant_mode is None:
             return linear(x, self.weight, bias)
-        y = quant.weight_only_matmul(x, self.quant_mode, self.quantized_params(), self.packed_for_cpu)
+        y = quant.weight_only_matmul(x, self.quant_mode, self.quantized_params(), self.layout)
         return y if bias is None else y + bias
 
     @property

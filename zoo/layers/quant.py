@@ -135,27 +135,48 @@ def one_token_each(x: torch.Tensor) -> bool:
     return x.dim() < 3 or x.shape[-2] == 1
 
 
-def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tensor], packed_for_cpu: bool) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] with W held quantized in `params` (a layer's run-time tensors)."""
+# The run-time layouts of a quantized layer's tensors (QuantizableLinear.layout): pack_for_device
+# picks one per layer (int4_layout), and weight_only_matmul dispatches on it, so the two agree.
+STORED = "stored"  # the stored form (module doc): zoo's / ATen's int8 kernels, or dequantize + matmul
+ZOO_INT4 = "zoo-int4"  # stored int4 with bf16 scales and zeros: zoo's gemv_int4 for decode rows
+ATEN_INT4 = "aten-int4"  # ATen's CPU int4 packing (pack_int4_for_cpu): its kernel for decode rows
+
+
+def int4_layout(device_type: str, dtype: torch.dtype, shape: tuple[int, int], group_size: int) -> str:
+    """The layout an int4 layer of weight shape [N, K] runs in. zoo's gemv_int4 quantizes the
+    activations to int8 for the call, so it serves bf16 runs only; fp32 runs, which compute exactly
+    what the dequantized weights say, get ATen's kernel where its packing takes the rows."""
+    out_features, in_features = shape
+    if device_type != "cpu":
+        return STORED
+    if dtype == torch.bfloat16 and cpu_kernels.has_int4() and zoo_int4_kernel_fits(in_features, group_size):
+        return ZOO_INT4
+    return ATEN_INT4 if cpu_int4_kernel_fits(out_features) else STORED
+
+
+def layout_leaves(mode: str, layout: str) -> tuple[str, ...]:
+    """The tensors a layer holds in `layout`."""
+    return ("qweight", "scales_and_zeros", "qgroup_size") if layout == ATEN_INT4 else stored_leaves(mode)
+
+
+def weight_only_matmul(x: torch.Tensor, mode: str, params: dict[str, torch.Tensor], layout: str) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] with W held quantized in `params` (a layer's tensors in `layout`)."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     qweight = params["qweight"]
     decode_rows = one_token_each(x)
     few_rows = decode_rows and x2.shape[0] <= WEIGHT_ONLY_KERNEL_MAX_ROWS
-    if mode == "int8" and x.device.type == "cpu" and x2.shape[0] == 1 and decode_rows and cpu_kernels.available():
-        y = torch.ops.zoo.gemv_int8(x2, qweight, params["scales"])  # zoo.layers.cpu_kernels
-    elif (mode == "int4" and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not packed_for_cpu and few_rows
-          and cpu_kernels.has_int4() and zoo_int4_kernel_fits(x2.shape[1], x2.shape[1] // params["scales"].shape[1])):
-        # the rule pack_for_device laid the layer out by: bf16 runs only (an fp32 run's layer that
-        # ATen's packing does not take is in the stored form too, and must stay exact)
+    if layout == ZOO_INT4 and few_rows:
         y = torch.ops.zoo.gemv_int4(x2, qweight, params["scales"], params["zeros"])  # zoo.layers.cpu_kernels
-    elif mode == "int8" and x.device.type == "cpu" and few_rows:
-        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
-    elif packed_for_cpu and few_rows:
+    elif layout == ATEN_INT4 and few_rows:
         # aten._weight_int4pack_mm_for_cpu with the group size as a tensor (see pack_int4_for_cpu)
         y = torch.ops.quantized.int4mm_packed_weight_cpu(x2, qweight, params["qgroup_size"], params["scales_and_zeros"])
-    elif packed_for_cpu:  # many rows: dequantize from the kernel's layout, then the float matmul
+    elif layout == ATEN_INT4:  # many rows: dequantize from the kernel's layout, then the float matmul
         y = _cpu_packed_int4_matmul(x2, qweight, params["scales_and_zeros"])
-    else:
+    elif mode == "int8" and x.device.type == "cpu" and x2.shape[0] == 1 and decode_rows and cpu_kernels.available():
+        y = torch.ops.zoo.gemv_int8(x2, qweight, params["scales"])  # zoo.layers.cpu_kernels
+    elif mode == "int8" and x.device.type == "cpu" and few_rows:
+        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, params["scales"])
+    else:  # the stored form (or zoo's int4 form, whose bf16 scales dequantize the same way)
         y = _dequantized_matmul(x2, params)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 

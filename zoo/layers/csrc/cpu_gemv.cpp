@@ -255,7 +255,14 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return finish(y, x);
 }
 
+// gemv_int4 needs 512-bit byte shuffles (BW) and the uint8 x int8 dot product (VNNI).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define ZOO_HAS_GEMV_INT4 1
+#else
+#define ZOO_HAS_GEMV_INT4 0
+#endif
+
+#if ZOO_HAS_GEMV_INT4
 // ---- int4: integer dot products on int8-quantized activations ----------------------------------
 //
 // The weight is zoo's stored int4 form: q [N, K/2] bytes (column 2j in the low nibble, 2j + 1 in
@@ -403,13 +410,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 
 // Whether this build has gemv_int4 (the host has AVX512_VNNI): a layer keeps its int4 weights in
 // the form gemv_int4 reads only then.
-bool has_gemv_int4() {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool has_gemv_int4() { return ZOO_HAS_GEMV_INT4; }
 
 }  // namespace
 
@@ -423,7 +424,7 @@ TORCH_LIBRARY(zoo, m) {
 TORCH_LIBRARY_IMPL(zoo, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_int8", &gemv_int8);
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if ZOO_HAS_GEMV_INT4
   m.impl("gemv_int4", &gemv_int4);
 #endif
 }
