@@ -42,7 +42,7 @@ import zoo  # noqa: E402
 from zoo.entrypoints.options import positive_int_list  # noqa: E402
 
 RULES = [
-    ("weights", ("weight_int8pack", "weight_int4pack", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
+    ("weights", ("zoo::gemv", "weight_int8pack", "weight_int4pack", "int4mm_packed", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
                  "aten::matmul", "mkldnn", "onednn")),
     ("attention", ("amax", "exp", "softmax", "index_put", "masked_fill", "where")),
     ("norms+rotary", ("rsqrt", "mean", "cos", "sin", "neg", "cat")),
@@ -88,7 +88,7 @@ def profile_batch(model, batch: int, steps: int) -> dict:
     by_class, by_kernel = collections.Counter(), collections.Counter()
     for ev in prof.key_averages():
         # inductor names its kernels' ranges graph_<id>_cpp_fused_<ops>
-        kernel = "cpp_fused" in ev.key or ev.key.startswith(("aten::", "torch.ops", "quantized::", "mkldnn"))
+        kernel = "cpp_fused" in ev.key or ev.key.startswith(("aten::", "torch.ops", "quantized::", "mkldnn", "zoo::"))
         if kernel and not ev.key.startswith(("aten::empty", "aten::as_strided", "aten::view", "aten::reshape",
                                              "aten::alias", "aten::resolve_conj")):
             ms = ev.self_cpu_time_total / 1e3 / steps

@@ -255,8 +255,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return finish(y, x);
 }
 
-// gemv_int4 needs 512-bit byte shuffles (BW) and the uint8 x int8 dot product (VNNI).
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// gemv_int4 needs 512-bit byte shifts and masked 256-bit loads (BW, VL) and the uint8 x int8 dot
+// product (VNNI).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ZOO_HAS_GEMV_INT4 1
 #else
 #define ZOO_HAS_GEMV_INT4 0
@@ -307,15 +308,14 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int64_t G, int8_
   }
 }
 
-// dot(a, b) over n elements, a fp32 or bf16 (S), b fp32
-template <typename S>
-inline float dot_f32(const S* a, const float* b, int64_t n) {
-  vfloat acc = vzero();
-  int64_t k = 0;
-  for (; k + VL <= n; k += VL) acc = fma(load_weight(a + k), load_f32(b + k), acc);
-  float s = hsum(acc);
-  for (; k < n; ++k) s += scalar_weight(a, k) * b[k];
-  return s;
+// n <= 16 bf16 or fp32 values from p as fp32 lanes, the rest zero
+inline __m512 load_masked(const uint16_t* p, int n) {
+  const __m256i h = n == 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                            : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load_masked(const float* p, int n) {
+  return n == 16 ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
 }
 
 // out[m * ldo] = dot(x[m], W[n]) for one weight row and MB rows of x (quantized as above); a group
@@ -355,11 +355,17 @@ inline void int4_dot_row(const int8_t* xq, const float* xscale, const float* xsu
     }
     if (j < n) chunk(c0 + j, j, 0);
   }
+  // the offsets, sum_g zeros[g] xsum[g] - 8 scales[g] xqsum[g], in the lanes of the first chain
   const int64_t groups = chunks >> group_shift;
-  for (int m = 0; m < MB; ++m) {
-    const float offsets = dot_f32(zeros, xsum + m * groups, groups) - 8.f * dot_f32(scales, xqsum + m * groups, groups);
-    out[m * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + offsets;
+  for (int64_t g = 0; g < groups; g += VL) {
+    const int n = static_cast<int>(std::min<int64_t>(VL, groups - g));
+    const __m512 z = load_masked(zeros + g, n), s8 = _mm512_mul_ps(load_masked(scales + g, n), _mm512_set1_ps(8.f));
+    for (int m = 0; m < MB; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(z, load_masked(xsum + m * groups + g, n), acc[m][0]);
+      acc[m][0] = _mm512_fnmadd_ps(s8, load_masked(xqsum + m * groups + g, n), acc[m][0]);
+    }
   }
+  for (int m = 0; m < MB; ++m) out[m * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
 }
 
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros) {
