@@ -279,25 +279,27 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 // ones], so xq is stored in that order.
 constexpr int64_t CHUNK = 64;
 
-// x [M, K] fp32 -> xq [M, K] int8 (per chunk: even columns, then odd) and xscale [M, K / CHUNK];
+// x [M, K] fp32 or bf16 (T) -> xq [M, K] int8 (per chunk: even columns, then odd) and xscale [M, K / CHUNK];
 // per group of G columns [M, K / G]: xsum = sum_k x and xqsum = sum_k xscale * xq.
-void quantize_activations(const float* x, int64_t M, int64_t K, int64_t G, int8_t* xq, float* xscale, float* xsum,
+template <typename T>
+void quantize_activations(const T* x, int64_t M, int64_t K, int64_t G, int8_t* xq, float* xscale, float* xsum,
                           float* xqsum) {
   const int64_t chunks_per_group = G / CHUNK;
   for (int64_t i = 0; i < M * (K / CHUNK); ++i) {
-    const float* v = x + i * CHUNK;
+    const T* v = x + i * CHUNK;
     float amax = 0.f, sum = 0.f;
     for (int64_t j = 0; j < CHUNK; ++j) {
-      amax = std::max(amax, std::fabs(v[j]));
-      sum += v[j];
+      const float f = scalar_weight(v, j);
+      amax = std::max(amax, std::fabs(f));
+      sum += f;
     }
     const float scale = amax > 0.f ? amax / 127.f : 1.f;
     const float inv = 1.f / scale;
     int8_t* out = xq + i * CHUNK;
     int32_t qsum = 0;
     for (int64_t j = 0; j < CHUNK / 2; ++j) {
-      out[j] = static_cast<int8_t>(std::nearbyint(v[2 * j] * inv));
-      out[CHUNK / 2 + j] = static_cast<int8_t>(std::nearbyint(v[2 * j + 1] * inv));
+      out[j] = static_cast<int8_t>(std::nearbyint(scalar_weight(v, 2 * j) * inv));
+      out[CHUNK / 2 + j] = static_cast<int8_t>(std::nearbyint(scalar_weight(v, 2 * j + 1) * inv));
       qsum += out[j] + out[CHUNK / 2 + j];
     }
     xscale[i] = scale;
@@ -382,13 +384,18 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(G > 0 && G % CHUNK == 0 && (chunks_per_group & (chunks_per_group - 1)) == 0,
               "zoo::gemv_int4: needs groups of 64 x 2^i columns, got K = ", K, " in ", groups, " groups");
   const int group_shift = __builtin_ctzll(static_cast<unsigned long long>(chunks_per_group));
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor xstats = at::empty({M * chunks + 2 * M * groups}, x.options().dtype(at::kFloat));
   float* xscale = xstats.data_ptr<float>();  // [M, chunks]
   float* xsum = xscale + M * chunks;         // [M, groups]
   float* xqsum = xsum + M * groups;          // [M, groups]
-  quantize_activations(x32.data_ptr<float>(), M, K, G, xq.data_ptr<int8_t>(), xscale, xsum, xqsum);
+  if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {  // a bf16 run's x, read as it is (no fp32 copy)
+    quantize_activations(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, G,
+                         xq.data_ptr<int8_t>(), xscale, xsum, xqsum);
+  } else {
+    const at::Tensor x32 = x.to(at::kFloat).contiguous();
+    quantize_activations(x32.data_ptr<float>(), M, K, G, xq.data_ptr<int8_t>(), xscale, xsum, xqsum);
+  }
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const int8_t* xqp = xq.data_ptr<int8_t>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
