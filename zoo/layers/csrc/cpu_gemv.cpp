@@ -132,13 +132,23 @@ inline void dot_rows(const float* x, int64_t K, const W* w, int64_t ldw, float* 
 // bf16 x bf16 on AVX512_BF16: one vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32
 // lanes (exact products, fp32 sums), so the weights need no conversion and a step costs half
 // the FMAs of the fp32 path. x stays bf16 (the model's activations are).
+// Cache lines a dot_rows call prefetches while it runs: `lines` lines from `next`, spread evenly
+// over its K / 32 steps.
+struct Prefetch {
+  const char* next = nullptr;
+  int64_t lines = 0;
+};
+
 template <int M, int RB>
-inline void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ldw, float* out, int64_t ldo) {
+inline void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ldw, float* out, int64_t ldo,
+                     Prefetch pf = {}) {
   __m512 acc[M][RB];
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
-  const int64_t K32 = K / 32 * 32;
+  const int64_t K32 = K / 32 * 32, steps = K / 32;
+  int64_t due = 0;
   for (int64_t k = 0; k < K32; k += 32) {
+    for (due += pf.lines; due >= steps; due -= steps, pf.next += 64) _mm_prefetch(pf.next, _MM_HINT_T0);
     __m512i xv[M];
     for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_si512(x + m * K + k);
     for (int r = 0; r < RB; ++r) {
@@ -180,14 +190,35 @@ void gemv_block(const X* x, int64_t K, const W* w, int64_t n0, int64_t n1, float
 
 #if defined(__AVX512BF16__)
 // More than 4 rows of x: 8 rows of W at a time (8 x K bf16, in L1 / L2) meet x in blocks of at most
-// 4 rows, so W comes from memory once and each block keeps 4 x 4 accumulators in registers.
+// 4 rows, so W comes from memory once and each block keeps 4 x 4 accumulators in registers. Left
+// alone, a tile's first block would wait on memory and its other blocks on compute, one after the
+// other; so while a tile's blocks run, each of its dot_rows calls prefetches a share of the next
+// tile, and the memory works while the core computes (8 rows of x over eight 2048 x 11264 weights:
+// 13.2 -> 11.0 ms, 12 rows 15.4 -> 12.8 ms, in an interleaved C++ microbenchmark on the 2-core
+// EPYC host, 2026-12-07).
 void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y,
                         int64_t N) {
-  const int64_t tile = M <= 4 ? n1 - n0 : 8;
-  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
-    const int64_t t1 = std::min(n1, t0 + tile);
+  if (M <= 4) {
+    for_row_blocks<4>(M, [&](auto mb, int64_t m0) { gemv_block<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N); });
+    return;
+  }
+  constexpr int64_t TILE = 8, RB = rows_per_block<4, uint16_t, uint16_t>();
+  for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
+    const int64_t t1 = std::min(n1, t0 + TILE);
+    const char* next = reinterpret_cast<const char*>(w + t1 * K);  // the next tile's rows: contiguous
+    const int64_t lines = (std::min(n1, t1 + TILE) - t1) * K * static_cast<int64_t>(sizeof(uint16_t)) / 64;
+    const int64_t calls = (M + 3) / 4 * ((t1 - t0) / RB + (t1 - t0) % RB);
+    int64_t call = 0;
+    auto share = [&]() {  // lines [call * lines / calls, (call + 1) * lines / calls) of the next tile
+      const int64_t a = call * lines / calls, b = (call + 1) * lines / calls;
+      ++call;
+      return Prefetch{next + 64 * a, b - a};
+    };
     for_row_blocks<4>(M, [&](auto mb, int64_t m0) {
-      gemv_block<decltype(mb)::value>(x + m0 * K, K, w, t0, t1, y + m0 * N, N);
+      constexpr int MB = decltype(mb)::value;
+      int64_t n = t0;
+      for (; n + RB <= t1; n += RB) dot_rows<MB, RB>(x + m0 * K, K, w + n * K, K, y + m0 * N + n, N, share());
+      for (; n < t1; ++n) dot_rows<MB, 1>(x + m0 * K, K, w + n * K, K, y + m0 * N + n, N, share());
     });
   }
 }
