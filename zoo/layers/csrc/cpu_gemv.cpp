@@ -129,9 +129,6 @@ inline void dot_rows(const float* x, int64_t K, const W* w, int64_t ldw, float* 
 }
 
 #if defined(__AVX512BF16__)
-// bf16 x bf16 on AVX512_BF16: one vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32
-// lanes (exact products, fp32 sums), so the weights need no conversion and a step costs half
-// the FMAs of the fp32 path. x stays bf16 (the model's activations are).
 // Cache lines a dot_rows call prefetches while it runs: `lines` lines from `next`, spread evenly
 // over its K / 32 steps.
 struct Prefetch {
@@ -139,6 +136,9 @@ struct Prefetch {
   int64_t lines = 0;
 };
 
+// bf16 x bf16 on AVX512_BF16: one vdpbf16ps multiplies 32 bf16 pairs and adds them into 16 fp32
+// lanes (exact products, fp32 sums), so the weights need no conversion and a step costs half
+// the FMAs of the fp32 path. x stays bf16 (the model's activations are).
 template <int M, int RB>
 inline void dot_rows(const uint16_t* x, int64_t K, const uint16_t* w, int64_t ldw, float* out, int64_t ldo,
                      Prefetch pf = {}) {
@@ -198,23 +198,24 @@ void gemv_block(const X* x, int64_t K, const W* w, int64_t n0, int64_t n1, float
 // EPYC host, 2026-12-07).
 void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, int64_t n0, int64_t n1, float* y,
                         int64_t N) {
-  if (M <= 4) {
-    for_row_blocks<4>(M, [&](auto mb, int64_t m0) { gemv_block<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N); });
+  constexpr int XB = 4;  // rows of x per block
+  if (M <= XB) {
+    for_row_blocks<XB>(M, [&](auto mb, int64_t m0) { gemv_block<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N); });
     return;
   }
-  constexpr int64_t TILE = 8, RB = rows_per_block<4, uint16_t, uint16_t>();
+  constexpr int64_t TILE = 8, RB = rows_per_block<XB, uint16_t, uint16_t>();
   for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
     const int64_t t1 = std::min(n1, t0 + TILE);
     const char* next = reinterpret_cast<const char*>(w + t1 * K);  // the next tile's rows: contiguous
     const int64_t lines = (std::min(n1, t1 + TILE) - t1) * K * static_cast<int64_t>(sizeof(uint16_t)) / 64;
-    const int64_t calls = (M + 3) / 4 * ((t1 - t0) / RB + (t1 - t0) % RB);
+    const int64_t calls = (M + XB - 1) / XB * ((t1 - t0) / RB + (t1 - t0) % RB);  // the dot_rows calls below
     int64_t call = 0;
     auto share = [&]() {  // lines [call * lines / calls, (call + 1) * lines / calls) of the next tile
       const int64_t a = call * lines / calls, b = (call + 1) * lines / calls;
       ++call;
       return Prefetch{next + 64 * a, b - a};
     };
-    for_row_blocks<4>(M, [&](auto mb, int64_t m0) {
+    for_row_blocks<XB>(M, [&](auto mb, int64_t m0) {
       constexpr int MB = decltype(mb)::value;
       int64_t n = t0;
       for (; n + RB <= t1; n += RB) dot_rows<MB, RB>(x + m0 * K, K, w + n * K, K, y + m0 * N + n, N, share());
