@@ -102,8 +102,11 @@ def build_runner(module: torch.nn.Module, cache: KVCache, buckets: Buckets, *, s
 def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buckets):
     """prefill / decode / prefill_and_decode with the signatures of the module's, compiled with
     dynamic dimensions: the prompt length (input_ids' dim 1) and the contexts attended. Everything
-    else stays static."""
+    else stays static. A prefill call computes at most one chunk (buckets.chunk_tokens), so that
+    is the prompt length's upper bound: kernels picked by a length bound see it when tracing
+    (zoo.layers.ops.SHORT_QUERIES); with chunks of one length multiple the length is static."""
     lo, hi = buckets.length_multiple, buckets.max_len
+    chunk = buckets.chunk_tokens  # lo <= chunk <= hi
 
     # the context length reaches the graph as the size of `span` (a graph's ints are constants)
     def prefill_over(input_ids, start_pos, lengths, block_tables, k_caches, v_caches, span):
@@ -127,8 +130,12 @@ def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buck
         torch._dynamo.mark_dynamic(span, 0, min=lo, max=hi)
         return span
 
+    def mark_prompt_length(input_ids: torch.Tensor) -> None:  # input_ids [B, S], lo <= S <= chunk
+        if chunk > lo:  # (a dimension needs a range; with chunk == lo every call pads S to lo)
+            torch._dynamo.mark_dynamic(input_ids, 1, min=lo, max=chunk)
+
     def prefill(input_ids, start_pos, lengths, block_tables, k_caches, v_caches, context_len: int):
-        torch._dynamo.mark_dynamic(input_ids, 1, min=lo, max=hi)  # input_ids [B, S], lo <= S <= hi
+        mark_prompt_length(input_ids)
         return prefill_graph(input_ids, start_pos, lengths, block_tables, k_caches, v_caches,
                              span_of(context_len, input_ids.device))
 
@@ -137,7 +144,7 @@ def _dynamic_length_graphs(module: torch.nn.Module, options: dict, buckets: Buck
 
     def mixed(prefill_ids, start_pos, lengths, prefill_tables, decode_ids, positions, decode_tables, k_caches,
               v_caches, prefill_context: int, decode_context: int):
-        torch._dynamo.mark_dynamic(prefill_ids, 1, min=lo, max=hi)
+        mark_prompt_length(prefill_ids)
         dev = prefill_ids.device
         return mixed_graph(prefill_ids, start_pos, lengths, prefill_tables, decode_ids, positions, decode_tables,
                            k_caches, v_caches, span_of(prefill_context, dev), span_of(decode_context, dev))
