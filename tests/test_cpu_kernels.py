@@ -18,7 +18,8 @@ def kernels():
     assert cpu_kernels.load(default_cache_dir()), cpu_kernels.load_error()
 
 
-SHAPES = [(1, 64, 5), (1, 100, 130), (2, 2048, 64), (3, 96, 7), (4, 160, 33), (8, 64, 12), (9, 2080, 40)]
+SHAPES = [(1, 64, 5), (1, 100, 130), (2, 2048, 64), (3, 96, 7), (4, 160, 33), (8, 64, 12), (9, 2080, 40),
+          (20, 2048, 19), (cpu_kernels.MAX_ROWS, 96, 33)]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -127,6 +128,32 @@ def test_a_compiled_one_row_bf16_matmul_calls_the_kernel():
     y, code = run_and_get_code(fn, x)
     assert "gemv_bf16" in "\n".join(code)
     assert torch.equal(y, torch.ops.zoo.gemv_bf16(x.reshape(1, 64), w).reshape(1, 1, 48))
+
+
+@pytest.mark.compiled
+def test_compiled_bf16_matmuls_of_rows_known_few_call_the_kernel():
+    """A flattened chunk-and-decode step ([1, N, K]) goes to gemv_bf16 when N is at most MAX_ROWS
+    while tracing: a static N, or a dynamic one whose upper bound is (the graph then serves every N
+    without recompiling). An unbounded dynamic N, or more rows, keep the matmul."""
+    w = torch.randn(48, 64).to(torch.bfloat16)
+
+    def code_for(rows: int, bound: int | None = None) -> str:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: linear(x, w), fullgraph=True, dynamic=False)
+        x = torch.randn(1, rows, 64).to(torch.bfloat16)
+        if bound is not None:
+            torch._dynamo.mark_dynamic(x, 1, min=2, max=bound)
+        y, code = run_and_get_code(fn, x)
+        torch.testing.assert_close(y.float(), (x.float() @ w.float().T), atol=0.05, rtol=0.02)
+        if bound is not None:  # another row count in the range runs the same graph
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                fn(torch.randn(1, rows - 1, 64).to(torch.bfloat16))
+        return "\n".join(code)
+
+    assert "gemv_bf16" in code_for(20)
+    assert "gemv_bf16" in code_for(12, bound=cpu_kernels.MAX_ROWS)
+    assert "gemv_bf16" not in code_for(12, bound=2 * cpu_kernels.MAX_ROWS)
+    assert "gemv_bf16" not in code_for(cpu_kernels.MAX_ROWS + 1)
 
 
 @pytest.mark.compiled

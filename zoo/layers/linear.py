@@ -1,7 +1,7 @@
 """Tensor-parallel linear layers. Each is an `nn.Linear` holding this rank's shard, so parameter
 names (`weight`, `bias`) are those of a plain Linear; with world size 1 the shard is the whole
-tensor and forward is `F.linear` (same graph as before TP existed), except for the one-token
-matmul of a compiled CPU graph (see `linear`).
+tensor and forward is `F.linear` (same graph as before TP existed), except for the few-row
+matmuls of a compiled CPU graph (see `linear`).
 
 Each layer also tells the loader where its shard lives in the checkpoint: `checkpoint_pieces(leaf)`
 -> one `(global_shape, (dim, start, stop))` per checkpoint tensor it is built from (concatenated
@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from zoo.config import tp_head_split_problem
 from zoo.distributed.comm import SINGLE, TPContext, all_gather_last_dim, all_reduce, wait
@@ -32,22 +33,25 @@ from zoo.layers import cpu_kernels, quant
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, but a decode step on CPU under torch.compile runs a decode kernel instead.
+    """F.linear, but a matmul of few rows on CPU under torch.compile runs a GEMV kernel instead.
 
     Decode multiplies one token per sequence by every weight matrix, bound by reading the weights,
     for which ATen's kernels are slow on CPU (22-28 GB/s where the memory gives 40-60). With bf16
-    weights, up to cpu_kernels.MAX_ROWS such rows go to zoo's kernel (zoo.layers.cpu_kernels) when
-    it is built. Otherwise a single row (fp32, or no kernel) becomes a reduction over
-    (x * W).sum(-1) that inductor fuses (41-43 GB/s in a microbenchmark; x is upcast, W is not, so
-    freezing has no weight-only op to constant-fold into an fp32 copy), and more rows keep the
-    matmul. Eager mode keeps F.linear."""
+    weights, matmuls known (while tracing) to have at most cpu_kernels.MAX_ROWS rows go to zoo's
+    kernel (zoo.layers.cpu_kernels) when it is built: decode steps, and a short prefill chunk with
+    the decode step it rides with. Otherwise a single row (fp32, or no kernel) becomes a reduction
+    over (x * W).sum(-1) that inductor fuses (41-43 GB/s in a microbenchmark; x is upcast, W is
+    not, so freezing has no weight-only op to constant-fold into an fp32 copy), and more rows keep
+    the matmul. A dynamic row count counts as few only when its upper bound is (a prompt length
+    bounded by the chunk size, zoo.graphs.build): asking about it then adds no guard, so the graph
+    does not specialize. Eager mode keeps F.linear."""
     if x.device.type != "cpu" or not torch.compiler.is_compiling():
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
-    if (quant.one_token_each(x) and rows <= cpu_kernels.MAX_ROWS and weight.dtype == torch.bfloat16
+    if (statically_known_true(rows <= cpu_kernels.MAX_ROWS) and weight.dtype == torch.bfloat16
             and x.dtype == torch.bfloat16 and cpu_kernels.available()):
         y = torch.ops.zoo.gemv_bf16(x.reshape(rows, -1), weight)  # [rows, N]
-    elif rows == 1:
+    elif statically_known_true(rows == 1):
         y = (x.reshape(1, 1, -1).float() * weight[None]).sum(-1).to(x.dtype)  # [1, N]
     else:
         return F.linear(x, weight, bias)
