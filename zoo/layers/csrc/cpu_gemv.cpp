@@ -96,6 +96,17 @@ void for_row_blocks(int64_t M, Fn&& fn) {
   for (int64_t m0 = 0; m0 < M; m0 += MaxRows) call_row_block<1, MaxRows>(std::min<int64_t>(MaxRows, M - m0), m0, fn);
 }
 
+// fn(std::integral_constant<int, RB or 1>{}, n) for rows [n0, n1) of W: blocks of RB rows, then the
+// tail one row at a time; w_blocks counts the calls.
+template <int RB, typename Fn>
+void for_w_blocks(int64_t n0, int64_t n1, Fn&& fn) {
+  int64_t n = n0;
+  for (; n + RB <= n1; n += RB) fn(std::integral_constant<int, RB>{}, n);
+  for (; n < n1; ++n) fn(std::integral_constant<int, 1>{}, n);
+}
+
+constexpr int64_t w_blocks(int64_t n0, int64_t n1, int64_t RB) { return (n1 - n0) / RB + (n1 - n0) % RB; }
+
 // RB output rows (W rows n .. n + RB) for M rows of x: out[m * ldo + r] = dot(x[m], w[r]).
 // Two chains per (m, r) pair hide the FMA latency; RB * M * 2 accumulators stay in registers.
 template <int M, int RB, typename W>
@@ -182,10 +193,9 @@ constexpr int rows_per_block() {
 // y [M, N] (fp32) = x [M, K] @ W^T for rows [n0, n1) of W: x fp32 (any W), or bf16 with bf16 W.
 template <int M, typename X, typename W>
 void gemv_block(const X* x, int64_t K, const W* w, int64_t n0, int64_t n1, float* y, int64_t N) {
-  constexpr int RB = rows_per_block<M, X, W>();
-  int64_t n = n0;
-  for (; n + RB <= n1; n += RB) dot_rows<M, RB>(x, K, w + n * K, K, y + n, N);
-  for (; n < n1; ++n) dot_rows<M, 1>(x, K, w + n * K, K, y + n, N);
+  for_w_blocks<rows_per_block<M, X, W>()>(n0, n1, [&](auto rb, int64_t n) {
+    dot_rows<M, decltype(rb)::value>(x, K, w + n * K, K, y + n, N);
+  });
 }
 
 #if defined(__AVX512BF16__)
@@ -203,12 +213,12 @@ void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
     for_row_blocks<XB>(M, [&](auto mb, int64_t m0) { gemv_block<decltype(mb)::value>(x + m0 * K, K, w, n0, n1, y + m0 * N, N); });
     return;
   }
-  constexpr int64_t TILE = 8, RB = rows_per_block<XB, uint16_t, uint16_t>();
+  constexpr int TILE = 8, RB = rows_per_block<XB, uint16_t, uint16_t>();
   for (int64_t t0 = n0; t0 < n1; t0 += TILE) {
     const int64_t t1 = std::min(n1, t0 + TILE);
     const char* next = reinterpret_cast<const char*>(w + t1 * K);  // the next tile's rows: contiguous
     const int64_t lines = (std::min(n1, t1 + TILE) - t1) * K * static_cast<int64_t>(sizeof(uint16_t)) / 64;
-    const int64_t calls = (M + XB - 1) / XB * ((t1 - t0) / RB + (t1 - t0) % RB);  // the dot_rows calls below
+    const int64_t calls = (M + XB - 1) / XB * w_blocks(t0, t1, RB);  // the dot_rows calls below
     int64_t call = 0;
     auto share = [&]() {  // lines [call * lines / calls, (call + 1) * lines / calls) of the next tile
       const int64_t a = call * lines / calls, b = (call + 1) * lines / calls;
@@ -216,10 +226,9 @@ void gemv_dispatch_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t*
       return Prefetch{next + 64 * a, b - a};
     };
     for_row_blocks<XB>(M, [&](auto mb, int64_t m0) {
-      constexpr int MB = decltype(mb)::value;
-      int64_t n = t0;
-      for (; n + RB <= t1; n += RB) dot_rows<MB, RB>(x + m0 * K, K, w + n * K, K, y + m0 * N + n, N, share());
-      for (; n < t1; ++n) dot_rows<MB, 1>(x + m0 * K, K, w + n * K, K, y + m0 * N + n, N, share());
+      for_w_blocks<RB>(t0, t1, [&](auto rb, int64_t n) {
+        dot_rows<decltype(mb)::value, decltype(rb)::value>(x + m0 * K, K, w + n * K, K, y + m0 * N + n, N, share());
+      });
     });
   }
 }
