@@ -51,3 +51,23 @@ def test_a_bounded_prompt_length_decides_the_kernel_while_tracing():
     assert short and not any("scaled_dot_product" in name for name in short), short
     long = _attention_kernels(2 * SHORT_QUERIES)
     assert any("scaled_dot_product" in name for name in long), long
+
+
+def test_gather_kv_reads_each_rows_positions_from_its_blocks():
+    """zoo::gather_kv (the CPU read of the paged cache when zoo's kernels are built) equals the
+    generic gather, for contexts that end inside a block and rows whose blocks are scattered."""
+    from zoo.device import default_cache_dir
+    from zoo.layers import cpu_kernels
+
+    assert cpu_kernels.load(default_cache_dir()), cpu_kernels.load_error()
+    g = torch.Generator().manual_seed(1)
+    N, KV, bs, hd, B = 13, 2, 4, 8, 3
+    cache = torch.randn(N, KV, bs, hd, generator=g).to(torch.bfloat16)
+    tables = torch.randperm(N - 1, generator=g)[:B * 4].view(B, 4)  # [B, 4 blocks]
+    for T in (1, 4, 7, 16):
+        k_pos = torch.arange(T)
+        index = (tables.index_select(1, k_pos // bs)[:, None, :], torch.arange(KV)[None, :, None],
+                 (k_pos % bs)[None, None, :])
+        assert torch.equal(AttentionOps().read_kv(cache, index), cache[index])  # [B, KV, T, hd]
+    with pytest.raises(RuntimeError, match="block 13 is outside the pool of 13"):
+        torch.ops.zoo.gather_kv(cache, torch.full((1, 3), N))

@@ -1,5 +1,5 @@
-"""zoo's own CPU decode matmuls (csrc/cpu_gemv.cpp): torch ops `zoo::gemv_bf16`, `zoo::gemv_int8`
-and `zoo::gemv_int4`, y [M, N] = x [M, K] @ W^T for the few rows of a decode step, with the weight
+"""zoo's own CPU decode kernels. The matmuls (csrc/cpu_gemv.cpp): torch ops `zoo::gemv_bf16`,
+`zoo::gemv_int8` and `zoo::gemv_int4`, y [M, N] = x [M, K] @ W^T for the few rows of a decode step, with the weight
 held bf16, int8 (one scale per output row) or int4 (zoo's stored form: a scale and an offset per
 group of columns; on AVX512_VNNI hosts, with x quantized to int8 per 64 columns for the call).
 
@@ -13,8 +13,12 @@ has it (fp32 FMAs on AVX2 / AVX-512 otherwise); int8 weights stream one row at a
 ATen's kernel is bound by its unpacking and float multiplies; gemv_int4 takes AVX512_VNNI integer
 dot products instead, which is why it quantizes the activations (docs/quantization.md).
 
-The source is built on first use for the host's CPU (`-march=native`, about 10 s with the
-compiler inductor already needs) into `<cache root>/kernels/<hash of source, torch, flags, CPU>`,
+The read of the paged KV cache (csrc/cpu_kv.cpp): `zoo::gather_kv`, each row's positions copied
+from its blocks as whole runs of a block, where inductor's gather read at a fifth of a copy's speed
+(zoo.layers.ops.read_kv).
+
+The sources are built on first use for the host's CPU (`-march=native`, about 10 s with the
+compiler inductor already needs) into `<cache root>/kernels/<hash of sources, torch, flags, CPU>`,
 and loaded from there afterwards. `load` never raises: when the build fails (no compiler, a CPU
 without AVX2) it says why once and the layers keep their other paths.
 """
@@ -33,7 +37,8 @@ from zoo.log import log
 # still beat ATen's GEMM: 16 layers of the 1 B model's weights took 0.73-0.83x F.linear's time at
 # 16-24 rows and 0.95-0.99x at 28-36 (1.3x at 68), interleaved on the 2-core EPYC host (2026-12-08).
 MAX_ROWS = 24
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_gemv.cpp")
+_SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
+            for name in ("cpu_gemv.cpp", "cpu_kv.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 # build_dir: loaded from there; int4: whether the build has gemv_int4 (None: not asked yet)
@@ -52,9 +57,11 @@ def _cpu_flags() -> str:
 
 
 def _build_dir(cache_root: str) -> str:
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, torch.__version__.encode(), " ".join(_CFLAGS).encode(),
+    sources = []
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            sources.append(f.read())
+    key = hashlib.sha256(b"\0".join([*sources, torch.__version__.encode(), " ".join(_CFLAGS).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     return os.path.join(cache_root, "kernels", f"cpu_gemv-{key}")
 
@@ -70,7 +77,7 @@ def load(cache_root: str) -> bool:
 
             build_dir = _build_dir(cache_root)
             os.makedirs(build_dir, exist_ok=True)
-            build_extension(name="zoo_cpu_gemv", sources=[_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+            build_extension(name="zoo_cpu_gemv", sources=_SOURCES, extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                             build_directory=build_dir, is_python_module=False, verbose=False)
             _register_fakes()
             _state["build_dir"] = build_dir
@@ -112,3 +119,7 @@ def _register_fakes() -> None:
 
     for name in ("zoo::gemv_bf16", "zoo::gemv_int8", "zoo::gemv_int4"):
         torch.library.register_fake(name)(fake)
+
+    @torch.library.register_fake("zoo::gather_kv")
+    def gather_kv_fake(cache, blocks):  # [N, KV, bs, hd], [B, T] -> [B, KV, T, hd]
+        return cache.new_empty(blocks.shape[0], cache.shape[1], blocks.shape[1], cache.shape[3])

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from zoo.layers import cpu_kernels
+
 # Up to this many queries per row, CPU attention runs as GEMVs (decode_attention) rather than SDPA's
 # flash kernel: compiled, 16 layers of 32 heads / 8 kv heads / hd 64 in bf16 on the 2-core host took
 # 12.3 vs 28.0 ms for 16 queries over 1,016 positions, 22.2 vs 35.5 ms over 2,000, and 77.5 vs
@@ -33,6 +35,10 @@ class AttentionOps:
     def read_kv(self, cache: torch.Tensor, index: tuple) -> torch.Tensor:
         # A gather copy: on CPU the batched GEMVs of decode_attention over the copy measured faster
         # than over a strided view of a contiguous cache (benches/results/paged_attention-*.md).
+        # With zoo's CPU kernels built, the copy takes whole runs of a block at a time (zoo::gather_kv,
+        # ~5x inductor's gather); its block index is index[0], position t at offset t % block_size.
+        if cache.device.type == "cpu" and cpu_kernels.available():
+            return torch.ops.zoo.gather_kv(cache, index[0][:, 0])  # block [B, 1, T] -> [B, T]
         return cache[index]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
