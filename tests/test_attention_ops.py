@@ -68,6 +68,8 @@ def test_gather_kv_reads_each_rows_positions_from_its_blocks():
         k_pos = torch.arange(T)
         index = (tables.index_select(1, k_pos // bs)[:, None, :], torch.arange(KV)[None, :, None],
                  (k_pos % bs)[None, None, :])
-        assert torch.equal(AttentionOps().read_kv(cache, index), cache[index])  # [B, KV, T, hd]
+        assert torch.equal(AttentionOps().read_kv(cache, index, tables), cache[index])  # [B, KV, T, hd]
     with pytest.raises(RuntimeError, match="block 13 is outside the pool of 13"):
-        torch.ops.zoo.gather_kv(cache, torch.full((1, 3), N))
+        torch.ops.zoo.gather_kv(cache, torch.full((1, 3), N), 9)
+    with pytest.raises(RuntimeError, match="17 positions do not fit tables of 4 blocks of 4"):
+        torch.ops.zoo.gather_kv(cache, tables, 17)

@@ -28,6 +28,7 @@ class AttentionMetadata:
     kv_write_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     # the same for reading positions [0, T) back: block [B,1,T], head [1,KV,1], offset [1,1,T]
     kv_read_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    block_tables: torch.Tensor  # [B, NB] each row's blocks in position order (what kv_read_index reads)
     mask: torch.Tensor  # [B, 1, S, T] bool, True = may attend
     is_decode: bool  # one query per row
 
@@ -85,7 +86,8 @@ class Attention(nn.Module):
         self.ops.write_kv(k_cache, meta.kv_write_index, k)
         self.ops.write_kv(v_cache, meta.kv_write_index, v)
         # every position the rows attend to, this call's included: [B, KV, T, hd]
-        k, v = self.ops.read_kv(k_cache, meta.kv_read_index), self.ops.read_kv(v_cache, meta.kv_read_index)
+        k = self.ops.read_kv(k_cache, meta.kv_read_index, meta.block_tables)
+        v = self.ops.read_kv(v_cache, meta.kv_read_index, meta.block_tables)
 
         out = self.ops.attention(q, k, v, meta.mask, is_decode=meta.is_decode)  # [B, H, S, hd]
         return out.transpose(1, 2).reshape(B, S, self.q_size)

@@ -121,5 +121,5 @@ def _register_fakes() -> None:
         torch.library.register_fake(name)(fake)
 
     @torch.library.register_fake("zoo::gather_kv")
-    def gather_kv_fake(cache, blocks):  # [N, KV, bs, hd], [B, T] -> [B, KV, T, hd]
-        return cache.new_empty(blocks.shape[0], cache.shape[1], blocks.shape[1], cache.shape[3])
+    def gather_kv_fake(cache, block_tables, positions):  # [N, KV, bs, hd], [B, NB], T -> [B, KV, T, hd]
+        return cache.new_empty(block_tables.shape[0], cache.shape[1], positions, cache.shape[3])

@@ -5,8 +5,10 @@ zoo.backends.npu) can swap in its fused kernels without touching the modeling co
 Shapes (what every implementation receives and returns):
   write_kv(cache [N, KV, bs, hd], index (block [B,1,S], head [1,KV,1], offset [B,1,S]), value [B, KV, S, hd])
       -> None, cache updated in place: cache[block, head, offset] = value
-  read_kv(cache [N, KV, bs, hd], index (block [B,1,T], head [1,KV,1], offset [1,1,T])) -> [B, KV, T, hd]:
-      each row's positions [0, T) gathered from its blocks, as one contiguous sequence
+  read_kv(cache [N, KV, bs, hd], index (block [B,1,T], head [1,KV,1], offset [1,1,T]), block_tables [B, NB])
+      -> [B, KV, T, hd]: each row's positions [0, T) gathered from its blocks (index, or the same
+      read from the tables: position t is at offset t % bs of block_tables[b, t // bs]), as one
+      contiguous sequence
   attention(q [B, H, S, hd], k [B, KV, T, hd], v [B, KV, T, hd], mask [B, 1, S, T] bool (True = attend),
             is_decode: bool) -> [B, H, S, hd]
 """
@@ -32,13 +34,13 @@ class AttentionOps:
     def write_kv(self, cache: torch.Tensor, index: tuple, value: torch.Tensor) -> None:
         cache.index_put_(index, value)
 
-    def read_kv(self, cache: torch.Tensor, index: tuple) -> torch.Tensor:
+    def read_kv(self, cache: torch.Tensor, index: tuple, block_tables: torch.Tensor) -> torch.Tensor:
         # A gather copy: on CPU the batched GEMVs of decode_attention over the copy measured faster
         # than over a strided view of a contiguous cache (benches/results/paged_attention-*.md).
-        # With zoo's CPU kernels built, the copy takes whole runs of a block at a time (zoo::gather_kv,
-        # ~5x inductor's gather); its block index is index[0], position t at offset t % block_size.
+        # With zoo's CPU kernels built, the copy takes a whole block at a time (zoo::gather_kv),
+        # where inductor's gather read at a fifth of a copy's speed.
         if cache.device.type == "cpu" and cpu_kernels.available():
-            return torch.ops.zoo.gather_kv(cache, index[0][:, 0])  # block [B, 1, T] -> [B, T]
+            return torch.ops.zoo.gather_kv(cache, block_tables, index[2].shape[-1])  # T = the offsets' length
         return cache[index]
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

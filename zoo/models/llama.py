@@ -201,5 +201,6 @@ class LlamaForCausalLM(nn.Module):
             kv_write_index=(blocks[:, None, :], heads[None, :, None], (positions % bs)[:, None, :]),
             # (its own head index: inputs of a nested compile region may not alias one another)
             kv_read_index=(read_blocks[:, None, :], heads.clone()[None, :, None], (k_pos % bs)[None, None, :]),
+            block_tables=block_tables,
             mask=mask[:, None], is_decode=is_decode,
         )
