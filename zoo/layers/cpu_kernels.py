@@ -14,8 +14,8 @@ ATen's kernel is bound by its unpacking and float multiplies; gemv_int4 takes AV
 dot products instead, which is why it quantizes the activations (docs/quantization.md).
 
 The read of the paged KV cache (csrc/cpu_kv.cpp): `zoo::gather_kv`, each row's positions copied
-from its blocks as whole runs of a block, where inductor's gather read at a fifth of a copy's speed
-(zoo.layers.ops.read_kv).
+from the blocks its block table lists, one copy per block and kv head, where inductor's gather read
+at a fifth of a copy's speed (zoo.layers.ops.read_kv).
 
 The sources are built on first use for the host's CPU (`-march=native`, about 10 s with the
 compiler inductor already needs) into `<cache root>/kernels/<hash of sources, torch, flags, CPU>`,
